@@ -1,0 +1,271 @@
+"""Typed run configuration: one pydantic model per concern, loaded from YAML with `a.b=c` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the dotted key and suggests the
+closest valid one instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
+
+Kind = Literal["query", "document"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key or file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSource(_Section):
+    """One text source. `path` is absolute or relative to the data root."""
+
+    path: str
+    format: Literal["auto", "jsonl", "parquet", "beir"] = "auto"
+    name: str | None = None
+    # Assigns a kind to every row of a source whose rows carry none (e.g. a corpus-only parquet).
+    kind: Kind | None = None
+    # For BEIR folders: which parts become text rows (corpus -> documents, queries -> queries).
+    beir_parts: list[Literal["corpus", "queries"]] = ["corpus", "queries"]
+    limit: int | None = Field(default=None, gt=0)
+    # Per-kind limits apply after `limit`-free reading, before the mix is shuffled.
+    limit_queries: int | None = Field(default=None, ge=0)
+    limit_documents: int | None = Field(default=None, ge=0)
+    id_field: str = "id"
+    text_field: str = "text"
+    kind_field: str = "kind"
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).name
+
+
+class DataConfig(_Section):
+    root: str | None = None  # None: $LEAF_DATA_DIR, else ../shared/data beside the repo
+    sources: list[DataSource] = []
+    seed: int = 0
+    dedupe_texts: bool = True  # drop rows whose (kind, text) repeats an earlier row
+    duplicate_ids: Literal["error", "dedupe"] = "error"
+    empty_texts: Literal["error", "drop"] = "drop"  # dropped rows are counted and reported
+    validation_size: int = Field(default=200, ge=0)  # held-out texts for training validation
+
+    def resolved_root(self) -> Path:
+        if self.root:
+            return Path(self.root).expanduser()
+        if os.environ.get("LEAF_DATA_DIR"):
+            return Path(os.environ["LEAF_DATA_DIR"]).expanduser()
+        return (REPO_ROOT.parent / "shared" / "data").resolve()
+
+    def resolve_path(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.resolved_root() / p
+
+
+class TeacherConfig(_Section):
+    model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    backend: Literal["transformers"] = "transformers"
+    query_prompt: str = ""
+    document_prompt: str = ""
+    max_length: int = Field(default=256, gt=0)
+    batch_size: int = Field(default=64, gt=0)  # texts per forward pass inside an actor
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
+    normalize: bool = True
+    cache_dtype: Literal["float32", "float16"] = "float32"
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=1, ge=1)
+    num_gpus_per_actor: float = Field(default=0.0, ge=0)
+    num_cpus_per_actor: float = Field(default=1.0, gt=0)
+    # torch intra-op threads inside each actor; None = the actor's CPU count rounded up.
+    torch_threads: int | None = Field(default=None, gt=0)
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+    chunk_rows: int = Field(default=1024, gt=0)  # rows per cache part: the unit of resume
+
+    @model_validator(mode="after")
+    def _pool_range(self) -> TeacherConfig:
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
+        return self
+
+    def prompt_for(self, kind: str) -> str:
+        return self.query_prompt if kind == "query" else self.document_prompt
+
+
+class StudentConfig(_Section):
+    kind: Literal["pretrained", "teacher_layers", "fresh"] = "teacher_layers"
+    model: str | None = None  # pretrained: encoder id/path
+    layers: list[int] | None = None  # teacher_layers: indices of teacher layers to keep
+    num_layers: int = Field(default=3, gt=0)  # fresh
+    hidden_size: int = Field(default=384, gt=0)
+    num_heads: int = Field(default=12, gt=0)
+    intermediate_size: int | None = None
+    max_length: int = Field(default=256, gt=0)
+    projection_init: Literal["random", "lstsq"] = "lstsq"
+    projection_init_samples: int = Field(default=2048, gt=0)
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> StudentConfig:
+        if self.kind == "pretrained" and not self.model:
+            raise ValueError("student.model is required when student.kind is 'pretrained'")
+        return self
+
+
+class TrainConfig(_Section):
+    mode: Literal["cache", "stream"] = "cache"
+    epochs: int = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=32, gt=0)  # per worker
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    schedule: Literal["constant", "linear", "cyclic_linear"] = "linear"
+    cycles: int = Field(default=1, gt=0)  # cyclic_linear: linear decays restarted this many times
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    loss: Literal["l2", "mse", "cosine"] = "l2"
+    seed: int = 0
+    checkpoint_every_steps: int | None = Field(default=None, gt=0)  # None: once per epoch
+    num_workers: int = Field(default=1, gt=0)
+    cpus_per_worker: float = Field(default=0.5, gt=0)  # fractional on small machines: see DESIGN.md
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    torch_threads: int | None = Field(default=None, gt=0)
+    max_failures: int = Field(default=0, ge=-1)
+
+
+class EvalConfig(_Section):
+    datasets: list[str] = ["scifact"]  # BEIR folders under the data root (or absolute)
+    split: str = "test"
+    sts: str | None = "stsbenchmark"  # STS folder under the data root; None skips STS
+    dims: list[int] = []  # Matryoshka dims besides the full dimension
+    quantizations: list[Literal["float32", "int8", "binary"]] = ["float32", "int8", "binary"]
+    batch_size: int = Field(default=64, gt=0)
+    max_corpus: int | None = Field(default=None, gt=0)  # subsample corpus (keeps judged docs)
+    max_queries: int | None = Field(default=None, gt=0)
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: connect to $RAY_ADDRESS if set, else start a local instance
+    num_cpus: int | None = None  # local instance only
+    num_gpus: int | None = None
+
+
+class StorageConfig(_Section):
+    cache_root: str = ".leaf_cache"  # teacher caches and reassembled bundled models
+    runs_root: str = "runs"  # one folder per run name
+
+    def cache_path(self) -> Path:
+        return _anchor(self.cache_root)
+
+    def runs_path(self) -> Path:
+        return _anchor(self.runs_root)
+
+
+def _anchor(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (Path.cwd() / p).resolve()
+
+
+class RunConfig(_Section):
+    name: str = "quickstart"
+    allow_hub: bool = False  # set true to let model sources fall back to the Hugging Face Hub
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Valid keys at the section that holds `loc`'s last element."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        current = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if current is None:
+            return []
+    return list(current.model_fields) if current is not None else []
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _field_names(RunConfig, loc), n=1)
+            hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
+            lines.append(f"  {key}: unknown key{hint}")
+        else:
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            lines.append(f"  {key}: {err['msg']}{got}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides; values are parsed as YAML (`train.lr=3e-4`, `eval.dims=[256,128]`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config (default: configs/quickstart.yaml) and apply overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    apply_overrides(tree, overrides or [])
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(path))) from None
+
+
+def parse_args(argv: list[str] | None = None, description: str = "") -> tuple[RunConfig, Any]:
+    """The shared job CLI: `--config FILE` plus `a.b=c` overrides."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML run config")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides), args

