@@ -91,6 +91,7 @@ class TeacherConfig(_Section):
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
     chunk_rows: int = Field(default=1024, gt=0)  # rows per cache part: the unit of resume
+    on_damaged_cache: Literal["recompute", "error"] = "recompute"  # a truncated/mis-sized cache part
 
     @model_validator(mode="after")
     def _pool_range(self) -> TeacherConfig:
@@ -222,14 +223,24 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` in a YAML tree; integer parts index lists (`data.sources.0.limit=100`)."""
     parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted!r}: '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {dotted!r}: '{'.'.join(parts[:depth])}' has {len(node)} items; "
+                                  f"'{part}' is not a valid index")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: '{'.'.join(parts[:depth])}' is not a section")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:

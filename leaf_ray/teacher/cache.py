@@ -1,0 +1,194 @@
+"""The teacher-vector cache: parquet parts + a manifest under
+`<cache_root>/teacher/<teacher fingerprint>/<data fingerprint>/`.
+
+Rows are split into fixed chunks (the unit of resume): part-NNNNN.parquet holds chunk NNNNN and is
+written atomically (temp file + rename), so an interrupted run leaves only whole parts behind and a
+rerun computes just the chunks that are missing or damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from leaf_ray.config import TeacherConfig
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+# Teacher settings that change the vectors; anything else (pool size, batch size) does not.
+SPEC_FIELDS = ("model", "backend", "query_prompt", "document_prompt", "max_length", "normalize", "dtype",
+               "cache_dtype")
+
+
+class CacheMismatchError(ValueError):
+    """A cache that belongs to another teacher, dimension or data set."""
+
+
+class CacheDamagedError(RuntimeError):
+    """A part file is unreadable or holds the wrong number of rows."""
+
+
+def teacher_spec(cfg: TeacherConfig) -> dict:
+    return {name: getattr(cfg, name) for name in SPEC_FIELDS}
+
+
+def teacher_fingerprint(cfg: TeacherConfig) -> str:
+    spec = teacher_spec(cfg)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.model.rstrip("/").split("/")[-1])
+    return f"{slug}-{digest}"
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class TeacherCache:
+    """One teacher's vectors for one data set; see the module docstring for the layout."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path, teacher: TeacherConfig, data_fingerprint: str, rows: int, chunk_rows: int) -> TeacherCache:
+        """Open (or start) the cache at `path`, refusing one written for another teacher or data set."""
+        path = Path(path)
+        spec = teacher_spec(teacher)
+        manifest_file = path / MANIFEST
+        if manifest_file.is_file():
+            manifest = json.loads(manifest_file.read_text())
+            if manifest.get("teacher") != spec:
+                diff = {k: (manifest.get("teacher", {}).get(k), v) for k, v in spec.items()
+                        if manifest.get("teacher", {}).get(k) != v}
+                raise CacheMismatchError(f"cache {path} was written by another teacher: (cached, configured) = {diff}")
+            for key, want in (("data_fingerprint", data_fingerprint), ("rows", rows), ("chunk_rows", chunk_rows)):
+                if manifest.get(key) != want:
+                    raise CacheMismatchError(f"cache {path}: manifest {key}={manifest.get(key)!r}, expected {want!r}")
+            return cls(path, manifest)
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = {"teacher": spec, "data_fingerprint": data_fingerprint, "rows": rows, "chunk_rows": chunk_rows,
+                    "chunks": -(-rows // chunk_rows), "dim": None, "normalized": teacher.normalize,
+                    "dtype": teacher.cache_dtype, "complete": False, "created": time.time()}
+        cache = cls(path, manifest)
+        cache._save_manifest()
+        return cache
+
+    @classmethod
+    def load(cls, path: Path) -> TeacherCache:
+        """Open a finished cache for reading; refuses an incomplete or damaged one."""
+        manifest_file = Path(path) / MANIFEST
+        if not manifest_file.is_file():
+            raise CacheDamagedError(f"no teacher cache at {path} (missing {MANIFEST})")
+        cache = cls(Path(path), json.loads(manifest_file.read_text()))
+        if not cache.manifest.get("complete"):
+            raise CacheDamagedError(f"teacher cache {path} is incomplete; rerun the teacher stage to finish it")
+        damaged = [i for i in range(cache.chunks) if not cache.chunk_ok(i)]
+        if damaged:
+            raise CacheDamagedError(f"teacher cache {path}: parts {damaged[:10]} are missing or damaged")
+        return cache
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def dim(self) -> int | None:
+        return self.manifest.get("dim")
+
+    @property
+    def chunks(self) -> int:
+        return self.manifest["chunks"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def chunk_rows_of(self, index: int) -> int:
+        return min(self.manifest["chunk_rows"], self.manifest["rows"] - index * self.manifest["chunk_rows"])
+
+    def part_path(self, index: int) -> Path:
+        return self.path / f"part-{index:05d}.parquet"
+
+    # -- integrity -------------------------------------------------------------------------------
+    def chunk_ok(self, index: int) -> bool:
+        """A part counts only if its footer reads and it holds exactly its chunk's rows."""
+        part = self.part_path(index)
+        if not part.is_file():
+            return False
+        try:
+            meta = pq.read_metadata(part)
+        except (pa.ArrowInvalid, OSError):
+            return False
+        return meta.num_rows == self.chunk_rows_of(index)
+
+    def missing_chunks(self, on_damaged: str = "recompute") -> list[int]:
+        missing = []
+        for index in range(self.chunks):
+            if self.chunk_ok(index):
+                continue
+            if self.part_path(index).exists():
+                if on_damaged == "error":
+                    raise CacheDamagedError(f"teacher cache part {self.part_path(index)} is damaged or has the "
+                                            f"wrong row count (expected {self.chunk_rows_of(index)})")
+                log.warning("teacher cache part %s is damaged; recomputing it", self.part_path(index))
+            missing.append(index)
+        return missing
+
+    # -- writing -------------------------------------------------------------------------------
+    def set_dim(self, dim: int) -> None:
+        if self.dim is not None and self.dim != dim:
+            raise CacheMismatchError(f"cache {self.path} holds {self.dim}-d vectors but the teacher now returns "
+                                     f"{dim}-d; use a new cache_root or delete the cache")
+        if self.dim is None:
+            self.manifest["dim"] = dim
+            self._save_manifest()
+
+    def write_chunk(self, index: int, ids: list, texts: list, kinds: list, vectors: np.ndarray) -> None:
+        if len(ids) != self.chunk_rows_of(index):
+            raise CacheDamagedError(f"chunk {index}: got {len(ids)} rows, expected {self.chunk_rows_of(index)}")
+        dtype = np.float16 if self.manifest["dtype"] == "float16" else np.float32
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=dtype).reshape(-1))
+        table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string()),
+                          "kind": pa.array(kinds, pa.string()),
+                          "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
+        _write_atomic(self.part_path(index), lambda tmp: pq.write_table(table, tmp))
+
+    def finish(self, stats: dict) -> None:
+        self.manifest.update(complete=True, finished=time.time(), last_run=stats)
+        self._save_manifest()
+
+    def _save_manifest(self) -> None:
+        text = json.dumps(self.manifest, indent=2)
+        _write_atomic(self.path / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+
+    # -- reading -------------------------------------------------------------------------------
+    def read_table(self) -> pa.Table:
+        """The whole cache (id, text, kind, embedding) in row order."""
+        return pa.concat_tables([pq.read_table(self.part_path(i)) for i in range(self.chunks)])
+
+    def embeddings(self) -> np.ndarray:
+        """All vectors as a (rows, dim) float32 array, in row order."""
+        column = self.read_table().column("embedding").combine_chunks()
+        return column.values.to_numpy(zero_copy_only=False).reshape(len(column), -1).astype(np.float32)
+
+    def dataset(self):
+        """The cache as a Ray Dataset, read in parallel from its parts."""
+        import ray
+
+        return ray.data.read_parquet([str(self.part_path(i)) for i in range(self.chunks)])
