@@ -188,7 +188,17 @@ class TeacherCache:
         return column.values.to_numpy(zero_copy_only=False).reshape(len(column), -1).astype(np.float32)
 
     def dataset(self):
-        """The cache as a Ray Dataset, read in parallel from its parts."""
+        """The cache as a Ray Dataset read in parallel from its parts; `embedding` arrives in numpy
+        batches as a (rows, dim) float32 matrix rather than an array of per-row arrays."""
         import ray
 
-        return ray.data.read_parquet([str(self.part_path(i)) for i in range(self.chunks)])
+        parts = [str(self.part_path(i)) for i in range(self.chunks)]
+        return ray.data.read_parquet(parts).map_batches(embeddings_as_matrix, batch_format="numpy")
+
+
+def embeddings_as_matrix(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data reads a fixed-size-list column as an object array of rows; stack it once here."""
+    column = batch["embedding"]
+    if column.dtype == object:
+        batch["embedding"] = np.stack(column).astype(np.float32, copy=False) if len(column) else column
+    return batch

@@ -1,0 +1,26 @@
+"""Embed the configured text mix with the teacher into the parquet cache (reused by later jobs).
+
+    python jobs/embed_teacher.py [--config configs/quickstart.yaml] [key.path=value ...]
+"""
+
+import logging
+
+from leaf_ray.config import parse_args
+from leaf_ray.data import build_mix
+from leaf_ray.runtime import init_ray
+from leaf_ray.teacher import build_cache
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg, _ = parse_args(argv, description=__doc__)
+    texts, report = build_mix(cfg.data)
+    print(f"text mix: {len(texts)} rows {report.as_dict()}")
+    init_ray(cfg.ray)
+    cache = build_cache(texts, cfg.teacher, cfg.storage.cache_path(), allow_hub=cfg.allow_hub)
+    print(f"teacher cache: {cache.path}  ({cache.manifest['rows']} rows, dim {cache.dim}, "
+          f"last run {cache.manifest.get('last_run')})")
+
+
+if __name__ == "__main__":
+    main()
