@@ -20,7 +20,7 @@ def build_tiny_bert(directory: Path, hidden: int = 32, layers: int = 2, heads: i
     """A real (random-weight) BERT sentence-transformers model: WordPiece tokenizer, safetensors, mean pooling."""
     import torch
     from sentence_transformers import SentenceTransformer, models
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizer
 
     directory = Path(directory)
     raw = directory / "hf"
@@ -28,7 +28,7 @@ def build_tiny_bert(directory: Path, hidden: int = 32, layers: int = 2, heads: i
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *[f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"],
              *"abcdefghijklmnopqrstuvwxyz0123456789.,?!-"]
     (raw / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    BertTokenizerFast(vocab_file=str(raw / "vocab.txt"), do_lower_case=True).save_pretrained(raw)
+    BertTokenizer(vocab=str(raw / "vocab.txt"), do_lower_case=True).save_pretrained(raw)  # transformers 5: `vocab`
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(dict.fromkeys(vocab)), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=128)

@@ -1,0 +1,200 @@
+"""The Ray Data teacher stage and its parquet cache, on real local Ray with real (tiny and bundled) models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from leaf_ray.config import DataConfig, DataSource, TeacherConfig
+from leaf_ray.data import build_mix
+from leaf_ray.teacher import CacheMismatchError, build_cache, teacher_embeddings
+from leaf_ray.teacher.backends import TeacherOutputError, check_vectors
+from leaf_ray.teacher.cache import CacheDamagedError, TeacherCache
+from leaf_ray.teacher.stage import cache_path_for
+from tests.conftest import REPO, build_tiny_bert, random_texts
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def text_table(n: int, seed: int = 0) -> pa.Table:
+    texts = random_texts(n, seed)
+    kinds = ["query" if i % 3 else "document" for i in range(n)]
+    return pa.table({"id": [f"t{i}" for i in range(n)], "text": texts, "kind": kinds})
+
+
+def teacher_cfg(model: Path, **kw) -> TeacherConfig:
+    base = dict(model=str(model), query_prompt="gene study ", document_prompt="cell data ",  # in-vocab words batch_size=16,
+                chunk_rows=64, max_length=64, torch_threads=1)
+    return TeacherConfig(**(base | kw))
+
+
+def plain_encode(model_dir: Path, table: pa.Table, cfg: TeacherConfig) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    model.max_seq_length = cfg.max_length
+    out = np.zeros((len(table), model.get_embedding_dimension()), dtype=np.float32)
+    kinds = np.array(table.column("kind").to_pylist())
+    texts = table.column("text").to_pylist()
+    for kind in ("query", "document"):
+        rows = np.flatnonzero(kinds == kind)
+        out[rows] = model.encode([texts[i] for i in rows], prompt=cfg.prompt_for(kind), normalize_embeddings=True)
+    return out
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_stage_matches_plain_encoding_and_keeps_every_id_once(ray_local, tiny_teacher, tmp_path):
+    table = text_table(300)
+    cfg = teacher_cfg(tiny_teacher)
+    cache = build_cache(table, cfg, tmp_path)
+    cached = cache.read_table()
+    assert sorted(cached.column("id").to_pylist()) == sorted(table.column("id").to_pylist())
+    assert cached.column("id").to_pylist() == table.column("id").to_pylist()  # row order kept
+    assert cache.manifest["complete"] and cache.dim == 32 and cache.chunks == 5
+    assert cache.manifest["last_run"]["rows_computed"] == 300
+    assert cosines(cache.embeddings(), plain_encode(tiny_teacher, table, cfg)).min() > 0.9999
+    # prompts are applied by kind: a query's vector differs from the same text embedded as a document
+    swapped = table.set_column(2, "kind", pa.array(["document" if k == "query" else "query"
+                                                   for k in table.column("kind").to_pylist()]))
+    assert cosines(teacher_embeddings(swapped, cfg, tmp_path), cache.embeddings()).max() < 0.9999
+
+
+def test_complete_cache_is_reused_without_loading_the_teacher(ray_local, tmp_path):
+    model = build_tiny_bert(tmp_path / "teacher")
+    table = text_table(100)
+    cfg = teacher_cfg(model)
+    first = build_cache(table, cfg, tmp_path / "cache").embeddings()
+    shutil.rmtree(model)  # any attempt to load the teacher now fails
+    again = build_cache(table, cfg, tmp_path / "cache")
+    np.testing.assert_array_equal(again.embeddings(), first)
+
+
+def test_teacher_embeddings_returns_input_order(ray_local, tiny_teacher, tmp_path):
+    table = text_table(90, seed=3)
+    cfg = teacher_cfg(tiny_teacher)
+    reordered = table.take(np.random.default_rng(0).permutation(len(table)))
+    direct = teacher_embeddings(table, cfg, tmp_path)
+    shuffled = teacher_embeddings(reordered, cfg, tmp_path)
+    position = {i: n for n, i in enumerate(table.column("id").to_pylist())}
+    expected = direct[[position[i] for i in reordered.column("id").to_pylist()]]
+    np.testing.assert_allclose(shuffled, expected, atol=1e-6)
+
+
+def test_damaged_part_is_recomputed_alone_or_refused(ray_local, tiny_teacher, tmp_path):
+    table = text_table(200)
+    cfg = teacher_cfg(tiny_teacher)
+    cache = build_cache(table, cfg, tmp_path)
+    reference = cache.embeddings()
+    part = cache.part_path(1)
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # truncated parquet
+    with pytest.raises(CacheDamagedError, match="part-00001"):
+        build_cache(table, cfg.model_copy(update={"on_damaged_cache": "error"}), tmp_path)
+    with pytest.raises(CacheDamagedError, match="damaged"):
+        TeacherCache.load(cache.path)
+    repaired = build_cache(table, cfg, tmp_path)
+    assert repaired.manifest["last_run"]["chunks_computed"] == 1
+    assert repaired.manifest["last_run"]["chunks_reused"] == cache.chunks - 1
+    np.testing.assert_allclose(repaired.embeddings(), reference, atol=1e-6)
+
+
+def test_mismatched_cache_is_refused(ray_local, tmp_path):
+    model = tmp_path / "teacher"
+    table = text_table(130)
+    cfg = teacher_cfg(build_tiny_bert(model, hidden=32))
+    cache = build_cache(table, cfg, tmp_path / "cache")
+    # another teacher's settings at the same place
+    with pytest.raises(CacheMismatchError, match="another teacher"):
+        TeacherCache.open(cache.path, cfg.model_copy(update={"query_prompt": "risk "}),
+                          cache.manifest["data_fingerprint"], len(table), cfg.chunk_rows)
+    # the weights behind the same model path changed dimension while a part was missing
+    cache.part_path(0).unlink()
+    shutil.rmtree(model)
+    build_tiny_bert(model, hidden=48)
+    with pytest.raises(CacheMismatchError, match="32-d.*48-d"):
+        build_cache(table, cfg, tmp_path / "cache")
+
+
+def test_interrupted_run_resumes_and_computes_only_missing_chunks(tiny_teacher, tmp_path):
+    """SIGKILL a real run after its first parts land; the rerun computes only the rest."""
+    n, chunk = 1200, 40
+    table = text_table(n, seed=5)
+    pa.parquet.write_table(table, tmp_path / "texts.parquet")
+    cfg = teacher_cfg(tiny_teacher, chunk_rows=chunk, batch_size=8)
+    cache_dir, _ = cache_path_for(table, cfg, tmp_path / "cache")
+    script = textwrap.dedent(f"""
+        import json, sys, pyarrow.parquet as pq, ray
+        sys.path.insert(0, {str(REPO)!r})
+        from leaf_ray.config import TeacherConfig
+        from leaf_ray.teacher import build_cache
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        cfg = TeacherConfig.model_validate_json({cfg.model_dump_json()!r})
+        build_cache(pq.read_table({str(tmp_path / "texts.parquet")!r}), cfg, {str(tmp_path / "cache")!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(cache_dir.glob("part-*.parquet"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    import os
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(cache_dir.glob("part-*.parquet")))
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert 2 <= done < n // chunk and not manifest["complete"], "the run was not interrupted mid-stage"
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        resumed = build_cache(table, cfg, tmp_path / "cache")
+        stats = resumed.manifest["last_run"]
+        assert stats["chunks_reused"] >= done and stats["chunks_computed"] == n // chunk - stats["chunks_reused"]
+        assert stats["rows_computed"] == stats["chunks_computed"] * chunk
+        fresh = build_cache(table, cfg, tmp_path / "fresh")
+        np.testing.assert_allclose(resumed.embeddings(), fresh.embeddings(), atol=1e-6)
+        assert resumed.read_table().column("id").to_pylist() == table.column("id").to_pylist()
+    finally:
+        ray.shutdown()
+
+
+def test_teacher_output_checks():
+    good = np.ones((2, 3), dtype=np.float32)
+    assert check_vectors(good, 2, 3, "t") is good
+    with pytest.raises(TeacherOutputError, match="shape"):
+        check_vectors(good, 2, 4, "t")
+    bad = good.copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(TeacherOutputError, match="NaN/Inf for 1 of 2"):
+        check_vectors(bad, 2, 3, "t")
+
+
+@pytest.mark.slow
+def test_bundled_minilm_on_train_text_equals_sentence_transformers(ray_local, data_root, tmp_path):
+    """1,000 real texts through the stage equal plain sentence-transformers with the same prompts."""
+    from leaf_ray.models import MINILM_ID, resolve_model
+
+    data = DataConfig(root=str(data_root), sources=[DataSource(path="train-text/texts.jsonl.gz", limit_queries=800,
+                                                               limit_documents=200)])
+    table, _ = build_mix(data)
+    assert len(table) == 1000
+    cfg = TeacherConfig(model=MINILM_ID, query_prompt="query: ", document_prompt="", max_length=256,
+                        chunk_rows=256, torch_threads=2)
+    cache = build_cache(table, cfg, tmp_path)
+    ids = cache.read_table().column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 1000 and set(ids) == set(table.column("id").to_pylist())
+    expected = plain_encode(resolve_model(MINILM_ID), table, cfg)
+    assert cosines(cache.embeddings(), expected).min() > 0.9999
