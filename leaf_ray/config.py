@@ -147,6 +147,9 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     datasets: list[str] = ["scifact"]  # BEIR folders under the data root (or absolute)
+    log_every_steps: int = Field(default=10, gt=0)  # progress line and ray.train.report cadence
+    keep_checkpoints: int | None = Field(default=2, gt=0)  # newest checkpoints kept per run; None keeps all
+    shuffle_buffer_rows: int = Field(default=1024, ge=0)  # per-worker local shuffle, reseeded each epoch; 0: off
     split: str = "test"
     sts: str | None = "stsbenchmark"  # STS folder under the data root; None skips STS
     dims: list[int] = []  # Matryoshka dims besides the full dimension
