@@ -93,20 +93,23 @@ def build_cache(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path,
     row = np.arange(len(table))
     todo = table.append_column("row", pa.array(row)).append_column("chunk", pa.array(row // teacher.chunk_rows))
     todo = todo.filter(pc.is_in(todo.column("chunk"), pa.array(missing)))
-    truncated = _embed_chunks(cache, todo, missing, teacher, cache_root, allow_hub)
-    stats = {"chunks_computed": len(missing), "rows_computed": len(todo), "chunks_reused": cache.chunks - len(missing),
-             "truncated_texts": truncated, "seconds": round(time.time() - started, 2)}
+    stats = {"chunks_computed": len(missing), "rows_computed": len(todo), "chunks_reused": cache.chunks - len(missing)}
+    stats |= _embed_chunks(cache, todo, missing, teacher, cache_root, allow_hub, started)
     cache.finish(stats)
     log.info("teacher cache %s: %s", path, stats)
     return cache
 
 
 def _embed_chunks(cache: TeacherCache, todo: pa.Table, missing: list[int], teacher: TeacherConfig,
-                  cache_root, allow_hub: bool) -> int:
-    """Stream the stage's output and write every chunk the moment its last row arrives."""
+                  cache_root, allow_hub: bool, started: float) -> dict:
+    """Stream the stage's output and write every chunk the moment its last row arrives.
+
+    Returns timing stats: `first_output_s` (start-up: pool scheduling + teacher load + first batch)
+    and `steady_rows_per_s` (rows after the first batch over the time after it).
+    """
     pending: dict[int, list[dict]] = {i: [] for i in missing}
     received = dict.fromkeys(missing, 0)
-    truncated = 0
+    truncated, first = 0, None
     ds = embed_dataset(to_dataset(todo, teacher.chunk_rows), teacher, cache_root, allow_hub)
     with tqdm(total=len(todo), desc=f"teacher {teacher.model}", unit="text") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -121,9 +124,14 @@ def _embed_chunks(cache: TeacherCache, todo: pa.Table, missing: list[int], teach
                 if received[chunk] == cache.chunk_rows_of(chunk):
                     _write_sorted(cache, int(chunk), pending.pop(chunk))
             bar.update(len(vectors))
+            first = first or (time.time(), len(vectors))
     if pending:
         raise RuntimeError(f"teacher stage ended with chunks {sorted(pending)[:10]} incomplete")
-    return truncated
+    end = time.time()
+    steady_s = end - first[0]
+    return {"truncated_texts": truncated, "seconds": round(end - started, 3),
+            "first_output_s": round(first[0] - started, 3),
+            "steady_rows_per_s": round((len(todo) - first[1]) / steady_s, 2) if steady_s > 0 else None}
 
 
 def _write_sorted(cache: TeacherCache, chunk: int, pieces: list[dict]) -> None:
