@@ -80,7 +80,8 @@ class TeacherCache:
                 diff = {k: (manifest.get("teacher", {}).get(k), v) for k, v in spec.items()
                         if manifest.get("teacher", {}).get(k) != v}
                 raise CacheMismatchError(f"cache {path} was written by another teacher: (cached, configured) = {diff}")
-            for key, want in (("data_fingerprint", data_fingerprint), ("rows", rows), ("chunk_rows", chunk_rows)):
+            # chunk_rows is layout, not content: an existing cache keeps its own.
+            for key, want in (("data_fingerprint", data_fingerprint), ("rows", rows)):
                 if manifest.get(key) != want:
                     raise CacheMismatchError(f"cache {path}: manifest {key}={manifest.get(key)!r}, expected {want!r}")
             return cls(path, manifest)

@@ -90,8 +90,9 @@ def build_cache(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path,
             cache.finish({"chunks_computed": 0, "rows_computed": 0, "chunks_reused": cache.chunks})
         log.info("teacher cache %s is complete (%d rows); reusing it", path, len(table))
         return cache
+    chunk_rows = cache.manifest["chunk_rows"]
     row = np.arange(len(table))
-    todo = table.append_column("row", pa.array(row)).append_column("chunk", pa.array(row // teacher.chunk_rows))
+    todo = table.append_column("row", pa.array(row)).append_column("chunk", pa.array(row // chunk_rows))
     todo = todo.filter(pc.is_in(todo.column("chunk"), pa.array(missing)))
     stats = {"chunks_computed": len(missing), "rows_computed": len(todo), "chunks_reused": cache.chunks - len(missing)}
     stats |= _embed_chunks(cache, todo, missing, teacher, cache_root, allow_hub, started)
@@ -110,7 +111,7 @@ def _embed_chunks(cache: TeacherCache, todo: pa.Table, missing: list[int], teach
     pending: dict[int, list[dict]] = {i: [] for i in missing}
     received = dict.fromkeys(missing, 0)
     truncated, first = 0, None
-    ds = embed_dataset(to_dataset(todo, teacher.chunk_rows), teacher, cache_root, allow_hub)
+    ds = embed_dataset(to_dataset(todo, cache.manifest["chunk_rows"]), teacher, cache_root, allow_hub)
     with tqdm(total=len(todo), desc=f"teacher {teacher.model}", unit="text") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             vectors = np.asarray(batch["embedding"], dtype=np.float32)
