@@ -86,6 +86,10 @@ class TeacherConfig(_Section):
     max_actors: int = Field(default=1, ge=1)
     num_gpus_per_actor: float = Field(default=0.0, ge=0)
     num_cpus_per_actor: float = Field(default=1.0, gt=0)
+    # Placement on heterogeneous clusters: the GPU model the actors need (Ray's accelerator_type: "L4",
+    # "A10G", "A100", ...) and custom resources per actor ({"teacher_pool": 1}). Unset: any node.
+    accelerator_type: str | None = None
+    resources_per_actor: dict[str, float] = {}
     # torch intra-op threads inside each actor; None = the actor's CPU count rounded up.
     torch_threads: int | None = Field(default=None, gt=0)
     trust_remote_code: bool = False

@@ -58,6 +58,11 @@ def embed_dataset(ds, teacher: TeacherConfig, cache_root: str | Path, allow_hub:
     """Lazily add an `embedding` column (and `truncated` counts) to a Ray Dataset of text rows."""
     import ray
 
+    placement = {}  # only when set: steers actors to a GPU model / node pool on heterogeneous clusters
+    if teacher.accelerator_type:
+        placement["accelerator_type"] = teacher.accelerator_type
+    if teacher.resources_per_actor:
+        placement["resources"] = dict(teacher.resources_per_actor)
     return ds.map_batches(
         TeacherEmbedder,
         fn_constructor_kwargs={"teacher": teacher, "cache_root": str(cache_root), "allow_hub": allow_hub},
@@ -66,6 +71,7 @@ def embed_dataset(ds, teacher: TeacherConfig, cache_root: str | Path, allow_hub:
         compute=ray.data.ActorPoolStrategy(min_size=teacher.min_actors, max_size=teacher.max_actors),
         num_cpus=teacher.num_cpus_per_actor,
         num_gpus=teacher.num_gpus_per_actor,
+        **placement,
     )
 
 
