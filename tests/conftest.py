@@ -69,3 +69,52 @@ def ray_local():
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+# -- student / training fixtures ---------------------------------------------------------------------------
+
+TEACHER_PROMPTS = {"query": "query: ", "document": "passage: "}
+
+
+def tiny_teacher_config(model_dir: Path, **overrides):
+    """A TeacherConfig for a tiny teacher directory, with distinct query/document prompts."""
+    from leaf_ray.config import TeacherConfig
+
+    return TeacherConfig(model=str(model_dir), query_prompt=TEACHER_PROMPTS["query"],
+                         document_prompt=TEACHER_PROMPTS["document"], max_length=64, batch_size=32, **overrides)
+
+
+def text_rows(n: int, seed: int = 0):
+    """`n` rows {id, text, kind}: short queries (every third row is a longer document)."""
+    import pyarrow as pa
+
+    short, long = random_texts(n, seed, 3, 10), random_texts(n, seed + 1, 15, 40)
+    kinds = ["document" if i % 3 == 0 else "query" for i in range(n)]
+    texts = [long[i] if kind == "document" else short[i] for i, kind in enumerate(kinds)]
+    return pa.table({"id": [f"r{seed}-{i}" for i in range(n)], "text": texts, "kind": kinds})
+
+
+def cached_rows(teacher_dir: Path, texts, path: Path):
+    """The teacher cache's columns (id, text, kind, embedding as fixed-size float32 list) for `texts`,
+    embedded in-process with sentence-transformers, written to and read back from parquet."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sentence_transformers import SentenceTransformer
+
+    teacher = SentenceTransformer(str(teacher_dir), device="cpu", prompts=TEACHER_PROMPTS)
+    kinds = np.array(texts.column("kind").to_pylist())
+    vectors = np.zeros((len(texts), teacher.get_embedding_dimension()), dtype=np.float32)
+    for kind in ("query", "document"):
+        rows = np.flatnonzero(kinds == kind)
+        vectors[rows] = teacher.encode([texts.column("text")[int(i)].as_py() for i in rows], prompt_name=kind,
+                                       normalize_embeddings=True)
+    flat = pa.array(vectors.reshape(-1))
+    pq.write_table(texts.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])), path)
+    return pq.read_table(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_teacher, tmp_path_factory):
+    """480 rows of the tiny teacher's vectors, as a teacher cache would hold them."""
+    return cached_rows(tiny_teacher, text_rows(480), tmp_path_factory.mktemp("tiny_cache") / "part-00000.parquet")
