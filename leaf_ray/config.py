@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
 
 Kind = Literal["query", "document"]
+
+_SHORT = reprlib.Repr()  # bad values in error messages, cut to a readable length
+_SHORT.maxstring = _SHORT.maxother = 80
 
 
 class ConfigError(ValueError):
@@ -224,7 +228,11 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
             lines.append(f"  {key}: unknown key{hint}")
         else:
-            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            # The bad value, except where pydantic's input is the enclosing section (a missing key, or a
+            # section-level validator): a whole section dict says nothing. A dict given for a scalar is shown.
+            section_input = isinstance(err.get("input"), dict) and err["type"] in ("missing", "value_error",
+                                                                                   "assertion_error")
+            got = f" (got {_SHORT.repr(err['input'])})" if "input" in err and not section_input else ""
             lines.append(f"  {key}: {err['msg']}{got}")
     return "\n".join(lines)
 
@@ -256,7 +264,12 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or exc
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -267,7 +280,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file not found: {path}")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")

@@ -53,22 +53,32 @@ def read_jsonl(path: Path, id_field: str = "id", text_field: str = "text", kind_
                default_kind: str | None = None) -> list[tuple[str, str, str]]:
     """Read (id, text, kind) triples; errors name the file, 1-based line and field."""
     rows = []
-    with _open_text(path) as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(_row(obj, f"{path}:{lineno}", id_field, text_field, kind_field, default_kind))
+    for lineno, obj in _json_lines(path):
+        rows.append(_row(obj, f"{path}:{lineno}", id_field, text_field, kind_field, default_kind))
     return rows
+
+
+def _json_lines(path: Path):
+    """(1-based line number, JSON object) per non-blank line; errors name the file and line."""
+    lineno = 0
+    try:
+        with _open_text(path) as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a leading BOM
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                yield lineno, obj
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # a truncated or damaged .gz
+        raise DataError(f"{path}: unreadable after line {lineno} ({type(exc).__name__}: {exc})") from None
 
 
 def _row(obj: dict, where: str, id_field: str, text_field: str, kind_field: str,
@@ -119,18 +129,12 @@ def read_beir_corpus(folder: Path) -> list[tuple[str, str, str]]:
     """Corpus documents as (id, "title text", "document"), the form BEIR and MTEB encode."""
     rows = []
     path = folder / "corpus.jsonl"
-    with _open_text(path) as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise DataError(f"{path}:{lineno}: unreadable line ({exc})") from None
-            if obj.get("_id") is None or obj.get("text") is None:
-                raise DataError(f"{path}:{lineno}: missing field '_id' or 'text'")
-            title = (obj.get("title") or "").strip()
-            rows.append((str(obj["_id"]), f"{title} {obj['text']}".strip(), "document"))
+    for lineno, obj in _json_lines(path):
+        for name in ("_id", "text"):
+            if obj.get(name) is None:
+                raise DataError(f"{path}:{lineno}: missing field '{name}'")
+        title = (obj.get("title") or "").strip()
+        rows.append((str(obj["_id"]), f"{title} {obj['text']}".strip(), "document"))
     return rows
 
 
@@ -175,7 +179,7 @@ def build_mix(cfg: DataConfig) -> tuple[pa.Table, MixReport]:
     rows: list[tuple[str, str, str]] = []
     for source in cfg.sources:
         src_rows = read_source(source, cfg)
-        report.read[source.label] = len(src_rows)
+        report.read[source.label] = report.read.get(source.label, 0) + len(src_rows)
         rng = np.random.default_rng([cfg.seed, zlib.crc32(source.label.encode())])
         src_rows = _sample(src_rows, source.limit, rng)
         if source.limit_queries is not None or source.limit_documents is not None:
@@ -198,10 +202,12 @@ def build_mix(cfg: DataConfig) -> tuple[pa.Table, MixReport]:
                                 "the first occurrence)")
             report.dropped_duplicate_id += 1
             continue
+        # The id is taken even when the row is then dropped as a repeated text: otherwise a duplicate id
+        # slips through or not depending on row order.
+        seen_id[row_id] = True
         if cfg.dedupe_texts and (kind, text) in seen_text:
             report.dropped_duplicate_text += 1
             continue
-        seen_id[row_id] = True
         seen_text.add((kind, text))
         kept.append(row)
     if not kept:

