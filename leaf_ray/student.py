@@ -213,17 +213,34 @@ class TeacherRows:
         return TeacherRows(self.texts[part], self.kinds[part], self.vectors[part])
 
 
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean feature variance
+
+
+def _ridge_solve(a: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
+    gram = a.T @ a
+    reg = ridge * gram.diagonal()[:-1].mean() * torch.eye(len(gram), dtype=a.dtype)
+    reg[-1, -1] = 0.0  # the bias is not shrunk
+    return torch.linalg.solve(gram + reg, a.T @ y)
+
+
 @torch.no_grad()
-def fit_projection_lstsq(pooled: np.ndarray, targets: np.ndarray, ridge: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares (lightly ridge-regularised) weight (out, in) and bias (out,) mapping pooled student
-    vectors onto unit-normalised teacher vectors. The ridge keeps it well posed with few samples."""
+def fit_projection_lstsq(pooled: np.ndarray, targets: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge least-squares weight (out, in) and bias (out,) mapping pooled student vectors onto unit-normalised
+    teacher vectors. The ridge strength is the one of RIDGES whose fit on four fifths of the sample lands
+    closest (after normalising) to the teacher on the remaining fifth: with fewer samples than dimensions an
+    unregularised fit memorises the sample and generalises badly."""
     x = torch.as_tensor(pooled, dtype=torch.float64)
     y = torch.nn.functional.normalize(torch.as_tensor(targets, dtype=torch.float64), dim=-1)
     a = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-    gram = a.T @ a
-    reg = ridge * gram.diagonal()[:-1].mean() * torch.eye(len(gram), dtype=x.dtype)
-    reg[-1, -1] = 0.0  # the bias is not shrunk
-    solution = torch.linalg.solve(gram + reg, a.T @ y)
+    order = torch.randperm(len(a), generator=torch.Generator().manual_seed(seed))
+    held, fit = order[: len(a) // 5], order[len(a) // 5:]
+
+    def held_out_error(ridge: float) -> float:
+        predicted = torch.nn.functional.normalize(a[held] @ _ridge_solve(a[fit], y[fit], ridge), dim=-1)
+        return (predicted - y[held]).pow(2).sum(-1).mean().item()
+
+    ridge = min(RIDGES, key=held_out_error) if len(held) else RIDGES[0]
+    solution = _ridge_solve(a, y, ridge)
     return solution[:-1].T.float().numpy(), solution[-1].float().numpy()
 
 
@@ -313,10 +330,10 @@ def teacher_parameter_count(teacher: TeacherConfig, cache_root=".leaf_cache", al
 
 def student_manifest(cfg: StudentConfig, teacher: TeacherConfig, teacher_dim: int,
                      teacher_params: int | None) -> dict:
-    """What a student directory records about where it came from; results are filled in later."""
+    """What a student directory records about where it came from (the full teacher config, so evaluation
+    embeds documents exactly as training did); results are filled in later."""
     return {
-        "teacher": {"model": teacher.model, "dim": teacher_dim, "params": teacher_params,
-                    "normalize": teacher.normalize, "prompts": teacher_prompts(teacher)},
+        "teacher": {**teacher.model_dump(), "dim": teacher_dim, "params": teacher_params},
         "student": cfg.model_dump(),
         "results": {},
     }

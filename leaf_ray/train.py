@@ -1,0 +1,475 @@
+"""LEAF training on Ray Train (V2): DDP workers read shards of (text, teacher vector) rows and pull the
+student's normalised vector onto the teacher's.
+
+A run lives in `<storage.runs_root>/<name>/` (Ray Train's storage_path is `runs_root`, its run name `name`):
+
+    init_student/    the student before training, built once (its manifest pins the student config)
+    checkpoint_*/    Ray Train checkpoints: a loadable student + optimizer.pt, scheduler.pt, train_state.json
+    metrics.jsonl    rank 0's progress log (start, every `train.log_every_steps`, epochs, end)
+    student/         the exported final student (sentence-transformers directory + leaf_manifest.json)
+
+Resume: rerunning with the same runs_root and name continues from the run's latest checkpoint (Ray Train
+restores its checkpoint manager from that folder and hands the checkpoint to `ray.train.get_checkpoint()`).
+Exact on resume: model weights, AdamW moments, the LR scheduler's position, global step, epoch, and the
+count of samples seen. Approximate: the position in the data. The resumed epoch skips as many batches per
+worker as were trained in that epoch, but which rows those were depends on Ray Data's dynamic split across
+workers and on the local shuffle, so a few rows of that epoch may be seen twice or not at all (in stream
+mode the skipped rows are embedded by the teacher again). Dropout randomness restarts from the seed. Raising
+`train.max_steps` on resume recomputes the rest of the LR schedule over the new total.
+
+On a multi-node cluster `storage.runs_root` must be shared storage (as Ray Train needs for checkpoints):
+workers read `init_student/` from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+
+from leaf_ray.config import RunConfig, TrainConfig
+from leaf_ray.data import split_validation, to_dataset
+from leaf_ray.student import (MANIFEST_NAME, TeacherRows, build_student, export_student,
+                              forward_texts, freeze_unused_parameters, load_student, read_manifest,
+                              student_manifest, teacher_parameter_count)
+
+ROWS_PER_BLOCK = 1024  # Ray Data block size for an in-memory training table
+
+
+class TrainError(ValueError):
+    """A training setup that cannot work; the message names the config field."""
+
+
+# -- the objective and the optimiser -------------------------------------------------------------------
+
+def leaf_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """Distance between normalised student and teacher vectors, averaged over the batch.
+
+    `l2` (the paper's): squared L2 norm of the difference, = 2 - 2 cos. `mse`: the same divided by the
+    dimension (torch's MSE). `cosine`: 1 - cos.
+    """
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(teacher.float(), dim=-1)
+    if kind == "l2":
+        return (s - t).pow(2).sum(-1).mean()
+    if kind == "mse":
+        return F.mse_loss(s, t)
+    if kind == "cosine":
+        return (1 - (s * t).sum(-1)).mean()
+    raise TrainError(f"train.loss {kind!r} is not one of l2, mse, cosine")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, cycles: int = 1) -> float:
+    """LR multiplier at `step`: linear warmup, then constant, linear decay to 0 at `total`, or
+    `cyclic_linear` (the paper's): the post-warmup steps split into `cycles` linear decays, each
+    restarting at the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(total - warmup, 1)
+    if schedule == "cyclic_linear":
+        progress = (progress * cycles) % 1.0
+    return max(0.0, 1.0 - progress)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; biases and norm weights (1-d) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_factor, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule, cycles=cfg.cycles))
+
+
+def worker_threads(cfg: TrainConfig) -> int:
+    """Torch intra-op threads per worker: `train.torch_threads`, else the worker's CPUs rounded up."""
+    return cfg.torch_threads or max(1, math.ceil(cfg.cpus_per_worker))
+
+
+def train_step(model, forward, batch: TeacherRows, optimizer, scheduler, cfg: TrainConfig,
+               device: torch.device) -> float:
+    """One optimiser step on a batch; `forward` is the model or its DDP wrapper. Returns the loss."""
+    teacher = torch.tensor(batch.vectors, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        student = forward_texts(model, batch.texts, batch.kinds, forward)
+    loss = leaf_loss(student, teacher, cfg.loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def evaluate(model, rows: TeacherRows, loss: str = "l2", batch_size: int = 64, rank: int = 0,
+             world: int = 1) -> dict:
+    """Mean loss and cosine(student, teacher) over `rows`; each rank takes every `world`-th row and the
+    sums are all-reduced, so the figures are exact for any worker count."""
+    if len(rows) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    mine = rows.slice(rank, None, world)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, cosine sum, n
+    for start in range(0, len(mine), batch_size):
+        part = mine.slice(start, start + batch_size)
+        student = forward_texts(model, part.texts, part.kinds).float()
+        teacher = torch.tensor(part.vectors, device=device)
+        cos = F.cosine_similarity(student, teacher.float(), dim=-1)
+        sums += torch.stack([leaf_loss(student, teacher, loss) * len(part), cos.sum(),
+                             torch.tensor(float(len(part)), device=device)]).double()
+    _all_reduce(sums, world)
+    model.train(was_training)
+    return {"val_loss": (sums[0] / sums[2]).item(), "val_cosine": (sums[1] / sums[2]).item()}
+
+
+def _all_reduce(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """A hash of every weight: equal digests mean bit-identical models (used to verify resumes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimiser steps taken (global: all workers step together)
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # batches per worker trained in the current epoch
+    samples: int = 0  # rows trained on, all workers
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, state: TrainState) -> None:
+    """A checkpoint is a loadable student directory plus the optimiser, scheduler and counters. The two
+    torch files hold tensors and numbers only and are read back with `weights_only=True`."""
+    model.save(str(directory), safe_serialization=True, create_model_card=False)
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+    (directory / "train_state.json").write_text(json.dumps(asdict(state)))
+
+
+def _restore(directory: Path, device: torch.device):
+    """(model, optimizer state, scheduler state, TrainState) from a checkpoint directory."""
+    model = load_student(directory)
+    optimizer = torch.load(directory / "optimizer.pt", map_location=device, weights_only=True)
+    scheduler = torch.load(directory / "scheduler.pt", weights_only=True)
+    state = TrainState(**json.loads((directory / "train_state.json").read_text()))
+    return model, optimizer, scheduler, state
+
+
+# -- the per-worker loop ------------------------------------------------------------------------------------
+
+class _Clock:
+    """Wall time spent training (data waits included), with validation and checkpoints paused out."""
+
+    def __init__(self):
+        self.started, self.paused_s = time.perf_counter(), 0.0
+
+    @contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        yield
+        self.paused_s += time.perf_counter() - t0
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started - self.paused_s
+
+
+def _batches(shard, cfg: TrainConfig, state: TrainState, rank: int):
+    """This worker's batches of the current epoch as TeacherRows (with ids), skipping the ones a resumed
+    run already trained on."""
+    batches = shard.iter_batches(
+        batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+        local_shuffle_buffer_size=cfg.shuffle_buffer_rows or None,
+        local_shuffle_seed=cfg.seed * 100_003 + state.epoch * 1_009 + rank if cfg.shuffle_buffer_rows else None)
+    for index, batch in enumerate(batches):
+        if index >= state.batch_in_epoch:
+            yield TeacherRows.of(batch), [str(i) for i in batch["id"]]
+
+
+def _worker_loop(config: dict) -> dict:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(worker_threads(tc))
+    torch.manual_seed(tc.seed + rank)
+    device = ray.train.torch.get_device()
+    history = Path(config["history"]) if rank == 0 else None
+    total = config["total_steps"]
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            model, opt_state, sched_state, state = _restore(Path(directory), device)
+    else:
+        model, opt_state, sched_state, state = load_student(config["init_dir"]), None, None, TrainState()
+    start = {"event": "start", "step": state.step, "epoch": state.epoch, "resumed": checkpoint is not None,
+             "weights_digest": state_digest(model), "world_size": world}
+    freeze_unused_parameters(model)
+    model.to(device)
+    optimizer = make_optimizer(model, tc)
+    scheduler = make_scheduler(optimizer, tc, total)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+        scheduler.load_state_dict(sched_state)
+    forward = ray.train.torch.prepare_model(model, move_to_device=False)
+    val = ray.get(config["val"])
+    _log(history, {**start, **evaluate(model, val, tc.loss, rank=rank, world=world)})
+
+    def report(metrics: dict, with_checkpoint: bool) -> None:
+        metrics = {**metrics, "step": state.step, "epoch": state.epoch, "samples": state.samples}
+        _log(history, metrics)
+        if with_checkpoint and rank == 0:
+            with tempfile.TemporaryDirectory(prefix="leaf-ckpt-") as directory:
+                save_checkpoint(Path(directory), model, optimizer, scheduler, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+
+    clock, first_step, last_checkpoint = _Clock(), state.step, state.step if checkpoint else -1
+    window, seen = [], []
+    shard = ray.train.get_dataset_shard("train")
+    while state.step < total and state.epoch < tc.epochs:
+        for batch, ids in _batches(shard, tc, state, rank):
+            window.append(train_step(model, forward, batch, optimizer, scheduler, tc, device))
+            if config["trace_ids"]:
+                seen.extend(ids)
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.samples += len(ids) * world
+            if state.step % tc.log_every_steps == 0:
+                with clock.paused():
+                    loss = _all_reduce(torch.tensor([float(np.mean(window))], device=device), world).item() / world
+                    window = []
+                    report({"event": "log", "loss": loss, "lr": scheduler.get_last_lr()[0],
+                            "samples_per_s": (state.step - first_step) * tc.batch_size * world / clock.seconds},
+                           with_checkpoint=False)
+            if tc.checkpoint_every_steps and state.step % tc.checkpoint_every_steps == 0:
+                with clock.paused():
+                    report({"event": "checkpoint"}, with_checkpoint=True)
+                    last_checkpoint = state.step
+            if state.step >= total:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            with clock.paused():
+                report({"event": "epoch", **evaluate(model, val, tc.loss, rank=rank, world=world)},
+                       with_checkpoint=True)
+                last_checkpoint = state.step
+            continue
+        break
+    rate = (state.step - first_step) * tc.batch_size * world / max(clock.seconds, 1e-9)
+    final = {"event": "end", "samples_per_s": rate, "steps_this_run": state.step - first_step,
+             **evaluate(model, val, tc.loss, rank=rank, world=world)}
+    report(final, with_checkpoint=state.step != last_checkpoint)
+    ids_by_rank = _gather(seen, world) if config["trace_ids"] else None
+    return {"start": start, "final": {**final, "step": state.step, "epoch": state.epoch, "samples": state.samples},
+            "ids_by_rank": ids_by_rank}
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _log(history: Path | None, record: dict) -> None:
+    """Rank 0 appends the record to metrics.jsonl and prints a progress line."""
+    if history is None:
+        return
+    record = {"time": round(time.time(), 3), **record}
+    with history.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                     if k not in ("time", "weights_digest"))
+    print(f"[leaf train] {shown}", flush=True)
+
+
+# -- the driver -----------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    student_path: Path  # the exported final student
+    checkpoint_path: str | None  # the latest Ray Train checkpoint
+    history_path: Path  # metrics.jsonl
+    steps: int
+    samples_per_s: float  # this call's training throughput, all workers
+    metrics: dict = field(default_factory=dict)  # final validation metrics and counters
+    start: dict = field(default_factory=dict)  # where this call started (resumed step, weights digest)
+    ids_by_rank: list | None = None  # with trace_ids: the row ids each worker trained on
+
+    def history(self) -> list[dict]:
+        return [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    return cfg.storage.runs_path() / cfg.name
+
+
+def shuffle_rows(table: pa.Table, seed: int) -> pa.Table:
+    """A seeded row permutation: the text mix is sorted by kind and length, training wants it mixed."""
+    return table.take(np.random.default_rng(seed).permutation(len(table)))
+
+
+def total_steps(cfg: TrainConfig, train_rows: int) -> int:
+    """Optimiser steps of the whole run: every worker drops its last partial batch of each epoch."""
+    per_epoch = train_rows // cfg.num_workers // cfg.batch_size
+    if per_epoch == 0:
+        raise TrainError(f"train.batch_size ({cfg.batch_size}) x train.num_workers ({cfg.num_workers}) exceeds "
+                         f"the {train_rows} training rows")
+    return min(cfg.epochs * per_epoch, cfg.max_steps or cfg.epochs * per_epoch)
+
+
+def projection_sample(train, size: int, seed: int) -> TeacherRows:
+    """Rows for the lstsq head: a seeded sample of a table, or the first rows of a (streamed) dataset."""
+    if isinstance(train, pa.Table):
+        keep = np.sort(np.random.default_rng(seed).permutation(len(train))[:size])
+        return TeacherRows.of(train.take(keep))
+    return TeacherRows.of(train.take_batch(size, batch_format="numpy"))
+
+
+def prepare_initial_student(cfg: RunConfig, teacher_dim: int, train) -> Path:
+    """Build the untrained student once per run into `<run>/init_student` (reused on resume; refused if
+    the run was started with another student or teacher)."""
+    path = run_dir_for(cfg) / "init_student"
+    if (path / MANIFEST_NAME).is_file():
+        manifest = read_manifest(path)
+        stored = (manifest["student"], manifest["teacher"]["model"], manifest["teacher"]["dim"])
+        if stored != (cfg.student.model_dump(), cfg.teacher.model, teacher_dim):
+            raise TrainError(f"run {cfg.name!r} at {path.parent} was started with another student/teacher "
+                             f"(student {stored[0]}, teacher {stored[1]}, dim {stored[2]}); pick a new `name` "
+                             "or delete that folder")
+        return path
+    sample = (projection_sample(train, cfg.student.projection_init_samples, cfg.train.seed)
+              if cfg.student.projection_init == "lstsq" else None)
+    cache_root = cfg.storage.cache_path()
+    model = build_student(cfg.student, cfg.teacher, teacher_dim, sample=sample, cache_root=cache_root,
+                          allow_hub=cfg.allow_hub, seed=cfg.train.seed)
+    params = teacher_parameter_count(cfg.teacher, cache_root, cfg.allow_hub)
+    return export_student(model, path, {**student_manifest(cfg.student, cfg.teacher, teacher_dim, params),
+                                        "run": cfg.name})
+
+
+def make_trainer(cfg: RunConfig, train_ds, loop_config: dict):
+    """A TorchTrainer: DDP over gloo (CPU) or NCCL (GPU), one shard of `train_ds` per worker."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tc = cfg.train
+    use_gpu = tc.gpus_per_worker > 0
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if use_gpu else {})}
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=str(cfg.storage.runs_path()),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+        datasets={"train": train_ds},
+    )
+
+
+def train_student(cfg: RunConfig, train, val, teacher_dim: int, *, train_rows: int | None = None,
+                  trace_ids: bool = False) -> TrainResult:
+    """Train (or resume) the run `cfg.name` and export its final student.
+
+    train: a pyarrow table of cached rows (id, text, kind, embedding), shuffled here with `train.seed`, or a
+      Ray Dataset with those columns (e.g. the live teacher stream), used in its own order.
+    val: held-out rows with teacher vectors (table or TeacherRows), evaluated at start, every epoch and end.
+    train_rows: rows in `train` when it is a Dataset (else counted, which runs a lazy dataset once).
+    trace_ids: return the ids each worker trained on (audits, tests).
+    """
+    import ray
+
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    init_dir = prepare_initial_student(cfg, teacher_dim, train)
+    if isinstance(train, pa.Table):
+        train_rows = len(train)
+        train = to_dataset(shuffle_rows(train, cfg.train.seed), ROWS_PER_BLOCK)
+    steps = total_steps(cfg.train, train_rows if train_rows is not None else train.count())
+    loop_config = {"cfg": cfg.model_dump(), "init_dir": str(init_dir), "total_steps": steps,
+                   "val": ray.put(TeacherRows.of(val)), "history": str(run_dir / "metrics.jsonl"),
+                   "trace_ids": trace_ids}
+    result = make_trainer(cfg, train, loop_config).fit()
+    summary = result.return_value
+    with result.checkpoint.as_directory() as directory:
+        manifest = read_manifest(init_dir)
+        manifest.update(run=cfg.name, train=cfg.train.model_dump(), results={"train": summary["final"]})
+        student_path = export_student(load_student(directory), run_dir / "student", manifest)
+    return TrainResult(run_dir=run_dir, student_path=student_path, checkpoint_path=result.checkpoint.path,
+                       history_path=run_dir / "metrics.jsonl", steps=summary["final"]["step"],
+                       samples_per_s=summary["final"]["samples_per_s"], metrics=summary["final"],
+                       start=summary["start"], ids_by_rank=summary["ids_by_rank"])
+
+
+# -- inputs for a job ------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingInputs:
+    train: object  # pa.Table (cache mode) or ray.data.Dataset (stream mode)
+    val: pa.Table
+    teacher_dim: int
+    train_rows: int
+
+
+def training_inputs(cfg: RunConfig, texts: pa.Table) -> TrainingInputs:
+    """Split the text mix into train/validation (`data.validation_size`) and attach teacher vectors:
+    `train.mode: cache` embeds the whole mix into the reusable cache; `stream` caches only the validation
+    rows and streams the training rows through the teacher actors while the workers train."""
+    from leaf_ray.teacher import build_cache, embed_dataset
+
+    cache_root = cfg.storage.cache_path()
+    train_texts, val_texts = split_validation(texts, cfg.data.validation_size, cfg.data.seed)
+    if cfg.train.mode == "cache":
+        cache = build_cache(texts, cfg.teacher, cache_root, cfg.allow_hub)
+        rows = cache.read_table()
+        held = pc.is_in(rows.column("id"), value_set=val_texts.column("id"))
+        return TrainingInputs(rows.filter(pc.invert(held)), rows.filter(held), cache.dim, len(train_texts))
+    val_cache = build_cache(val_texts, cfg.teacher, cache_root, cfg.allow_hub)
+    stream = embed_dataset(to_dataset(shuffle_rows(train_texts, cfg.train.seed), ROWS_PER_BLOCK), cfg.teacher,
+                           cache_root, cfg.allow_hub)
+    return TrainingInputs(stream, val_cache.read_table(), val_cache.dim, len(train_texts))

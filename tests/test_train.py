@@ -1,0 +1,153 @@
+"""LEAF training on real local Ray Train: DDP over 2 CPU workers, checkpoints, resume, export, streaming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from leaf_ray.config import RunConfig, StorageConfig, StudentConfig, TrainConfig
+from leaf_ray.data import split_validation
+from leaf_ray.student import TeacherRows, forward_texts, load_student, read_manifest
+from leaf_ray.train import TrainError, leaf_loss, lr_factor, state_digest, total_steps, train_student
+
+from .conftest import tiny_teacher_config
+
+
+def make_config(tmp_path: Path, teacher_dir: Path, name: str, **train) -> RunConfig:
+    train = {"batch_size": 16, "lr": 1e-3, "epochs": 2, "num_workers": 2, "cpus_per_worker": 0.5,
+             "torch_threads": 1, "log_every_steps": 5, "shuffle_buffer_rows": 64, **train}
+    return RunConfig(
+        name=name,
+        teacher=tiny_teacher_config(teacher_dir, num_cpus_per_actor=0.5),
+        student=StudentConfig(kind="teacher_layers", layers=[0, 2], max_length=64, projection_init="random"),
+        train=TrainConfig(**train),
+        storage=StorageConfig(cache_root=str(tmp_path / "cache"), runs_root=str(tmp_path / "runs")),
+    )
+
+
+def split(rows, size: int = 48):
+    return split_validation(rows, size, seed=0)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint"))
+
+
+# -- pure functions ----------------------------------------------------------------------------------------
+
+def test_losses_agree_on_unit_vectors():
+    s, t = torch.nn.functional.normalize(torch.randn(8, 5), dim=-1), torch.nn.functional.normalize(torch.randn(8, 5), dim=-1)
+    cos = (s * t).sum(-1)
+    assert leaf_loss(s, t, "l2").item() == pytest.approx((2 - 2 * cos).mean().item(), rel=1e-5)
+    assert leaf_loss(s, t, "mse").item() == pytest.approx(leaf_loss(s, t, "l2").item() / 5, rel=1e-5)
+    assert leaf_loss(s, t, "cosine").item() == pytest.approx((1 - cos).mean().item(), rel=1e-5)
+    assert leaf_loss(3 * t, t, "l2").item() == pytest.approx(0.0, abs=1e-6)  # scale-free: vectors are normalised
+
+
+def test_schedules():
+    assert [lr_factor(s, 10, 2, "linear") for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert lr_factor(9, 10, 0, "constant") == 1.0
+    cyclic = [lr_factor(s, 8, 0, "cyclic_linear", cycles=2) for s in range(8)]
+    assert cyclic == pytest.approx([1, 0.75, 0.5, 0.25, 1, 0.75, 0.5, 0.25])
+
+
+def test_total_steps_and_error_names_fields():
+    assert total_steps(TrainConfig(batch_size=16, num_workers=2, epochs=3), 100) == 9
+    assert total_steps(TrainConfig(batch_size=16, num_workers=2, epochs=3, max_steps=4), 100) == 4
+    with pytest.raises(TrainError, match="train.batch_size"):
+        total_steps(TrainConfig(batch_size=64, num_workers=2), 100)
+
+
+# -- Ray Train -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_local, tiny_teacher, tiny_cache, tmp_path_factory):
+    """One cache-mode run: 2 DDP workers, 2 epochs over 432 rows (48 held out)."""
+    cfg = make_config(tmp_path_factory.mktemp("ddp"), tiny_teacher, "ddp")
+    train, val = split(tiny_cache)
+    return cfg, train, train_student(cfg, train, val, teacher_dim=32, trace_ids=True)
+
+
+@pytest.mark.timeout(240)
+def test_ddp_two_workers_learn_on_disjoint_shards(ddp_run):
+    cfg, train, result = ddp_run
+    history = result.history()
+    start, end = history[0], history[-1]
+    assert start["event"] == "start" and end["event"] == "end" and start["world_size"] == 2
+    assert end["val_loss"] < 0.5 * start["val_loss"] and end["val_cosine"] > start["val_cosine"]
+    logged = [r["loss"] for r in history if r["event"] == "log"]
+    assert logged[-1] < logged[0]
+    assert result.steps == total_steps(cfg.train, len(train)) == 2 * (432 // 2 // 16)
+
+    ids = [set(r) for r in result.ids_by_rank]
+    assert len(ids) == 2 and not ids[0] & ids[1]  # disjoint shards
+    assert [len(r) for r in result.ids_by_rank] == [result.steps * 16] * 2  # every step: 16 rows on each rank
+    assert ids[0] | ids[1] <= set(train.column("id").to_pylist())
+
+    # rank 0 wrote the checkpoints; the last one holds the final state and is what was exported
+    ckpts = checkpoint_dirs(result.run_dir)
+    assert ckpts and len(ckpts) <= cfg.train.keep_checkpoints
+    last = Path(result.checkpoint_path)
+    assert json.loads((last / "train_state.json").read_text())["step"] == result.steps
+    assert state_digest(load_student(last)) == state_digest(load_student(result.student_path))
+    manifest = read_manifest(result.student_path)
+    assert manifest["results"]["train"]["step"] == result.steps and manifest["teacher"]["dim"] == 32
+
+
+@pytest.mark.timeout(300)
+def test_resume_continues_from_checkpoint(ray_local, tiny_teacher, tiny_cache, tmp_path):
+    train, val = split(tiny_cache)
+    first = train_student(make_config(tmp_path, tiny_teacher, "resume", max_steps=7, epochs=3), train, val, 32)
+    assert first.steps == 7 and not first.start["resumed"]
+    saved = json.loads((Path(first.checkpoint_path) / "train_state.json").read_text())
+    assert saved["step"] == 7 and saved["batch_in_epoch"] == 7 and saved["epoch"] == 0
+    saved_digest = state_digest(load_student(first.checkpoint_path))
+
+    second = train_student(make_config(tmp_path, tiny_teacher, "resume", max_steps=16, epochs=3), train, val, 32)
+    assert second.start["resumed"] and second.start["step"] == 7
+    assert second.start["weights_digest"] == saved_digest  # the loaded weights are the checkpoint's
+    assert second.steps == 16 and second.metrics["steps_this_run"] == 9
+    steps = [r["step"] for r in second.history() if r["event"] == "log"]
+    assert steps == sorted(steps) and steps[-1] == 15  # one log stream: 5, 10 (first call), 15 (second)
+    # epoch 0 has 13 batches per worker: the resumed call finished it (6 more) and ran 3 of epoch 1
+    assert json.loads((Path(second.checkpoint_path) / "train_state.json").read_text())["epoch"] == 1
+
+
+def test_a_run_refuses_another_student(tiny_teacher, tiny_cache, tmp_path):
+    train, val = split(tiny_cache)
+    cfg = make_config(tmp_path, tiny_teacher, "pinned")
+    (cfg.storage.runs_path() / "pinned").mkdir(parents=True)
+    from leaf_ray.train import prepare_initial_student
+
+    prepare_initial_student(cfg, 32, train)
+    other = cfg.model_copy(update={"student": StudentConfig(kind="teacher_layers", layers=[1], max_length=64,
+                                                             projection_init="random")})
+    with pytest.raises(TrainError, match="another student"):
+        prepare_initial_student(other, 32, train)
+
+
+@pytest.mark.timeout(300)
+def test_stream_mode_learns_like_cache_mode(ddp_run, tiny_teacher, tiny_cache, tmp_path):
+    """The same rows, split and student as the cache-mode run, with the teacher stage feeding the workers."""
+    from leaf_ray.train import training_inputs
+
+    cache_cfg, cache_train, cache_result = ddp_run
+    cfg = make_config(tmp_path, tiny_teacher, "stream", mode="stream")
+    cfg.data.validation_size = 48
+    inputs = training_inputs(cfg, tiny_cache.select(["id", "text", "kind"]))
+    assert inputs.teacher_dim == 32 and inputs.train_rows == len(cache_train) and len(inputs.val) == 48
+    result = train_student(cfg, inputs.train, inputs.val, inputs.teacher_dim, train_rows=inputs.train_rows)
+
+    stream, cache = result.history(), cache_result.history()
+    assert stream[0]["val_loss"] == pytest.approx(cache[0]["val_loss"], rel=1e-4)  # same init, same vectors
+    assert result.steps == cache_result.steps
+    assert stream[-1]["val_loss"] < 0.5 * stream[0]["val_loss"]
+    assert stream[-1]["val_loss"] == pytest.approx(cache[-1]["val_loss"], rel=0.3)
+    logged = {r["step"]: r["loss"] for r in stream if r["event"] == "log"}
+    reference = {r["step"]: r["loss"] for r in cache if r["event"] == "log"}
+    assert logged.keys() == reference.keys()
+    assert all(logged[s] == pytest.approx(reference[s], rel=0.5) for s in logged)
