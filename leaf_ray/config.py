@@ -151,13 +151,13 @@ class TrainConfig(_Section):
     gpus_per_worker: float = Field(default=0.0, ge=0)
     torch_threads: int | None = Field(default=None, gt=0)
     max_failures: int = Field(default=0, ge=-1)
+    log_every_steps: int = Field(default=10, gt=0)  # progress line and ray.train.report cadence
+    keep_checkpoints: int | None = Field(default=2, gt=0)  # newest checkpoints kept per run; None keeps all
+    shuffle_buffer_rows: int = Field(default=1024, ge=0)  # per-worker local shuffle, reseeded each epoch; 0: off
 
 
 class EvalConfig(_Section):
     datasets: list[str] = ["scifact"]  # BEIR folders under the data root (or absolute)
-    log_every_steps: int = Field(default=10, gt=0)  # progress line and ray.train.report cadence
-    keep_checkpoints: int | None = Field(default=2, gt=0)  # newest checkpoints kept per run; None keeps all
-    shuffle_buffer_rows: int = Field(default=1024, ge=0)  # per-worker local shuffle, reseeded each epoch; 0: off
     split: str = "test"
     sts: str | None = "stsbenchmark"  # STS folder under the data root; None skips STS
     dims: list[int] = []  # Matryoshka dims besides the full dimension
@@ -165,6 +165,10 @@ class EvalConfig(_Section):
     batch_size: int = Field(default=64, gt=0)
     max_corpus: int | None = Field(default=None, gt=0)  # subsample corpus (keeps judged docs)
     max_queries: int | None = Field(default=None, gt=0)
+    seed: int = 0  # for the max_corpus / max_queries subsamples
+    # Which prompt STS sentences get: symmetric pairs have no query side; "document" is the empty prompt for
+    # most teachers (arctic-embed, mpnet), "query" suits e5-style teachers that prompt symmetric tasks as queries.
+    sts_kind: Kind = "document"
 
 
 class RayConfig(_Section):

@@ -138,6 +138,12 @@ def read_beir_corpus(folder: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
+def rows_to_table(rows: list[tuple[str, str, str]]) -> pa.Table:
+    """(id, text, kind) triples as a table in the text-row schema."""
+    return pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows], "kind": [r[2] for r in rows]},
+                    schema=SCHEMA)
+
+
 def _detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "corpus.jsonl").is_file():
@@ -214,9 +220,7 @@ def build_mix(cfg: DataConfig) -> tuple[pa.Table, MixReport]:
         raise DataError("the data mix is empty after dropping empty texts and duplicates")
     kept.sort(key=lambda r: (r[2], len(r[1]), r[0]))
     report.kept = dict(Counter(r[2] for r in kept))
-    table = pa.table({"id": [r[0] for r in kept], "text": [r[1] for r in kept], "kind": [r[2] for r in kept]},
-                     schema=SCHEMA)
-    return table, report
+    return rows_to_table(kept), report
 
 
 def split_validation(table: pa.Table, size: int, seed: int) -> tuple[pa.Table, pa.Table]:
