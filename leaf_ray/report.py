@@ -1,0 +1,156 @@
+"""Results of a run as files people and programs read: one JSON, a markdown table, PNG plots.
+
+Everything works on metric records, plain dicts with `dataset, split, task, mode, dims, quantization,
+bytes_per_vector, metric, value` (what leaf_ray.evaluate produces), so any job that measures something per
+(mode, dims, quantization) can report through here. Extra keys in a record become table columns' row keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+# Row identity of a record, in table order; everything else but metric/value is also row identity.
+ROW_KEYS = ("dataset", "split", "task", "mode", "dims", "quantization", "bytes_per_vector")
+MODE_ORDER = ("teacher", "student", "asymmetric")
+QUANT_ORDER = ("float32", "int8", "binary")
+
+
+def _order(values: Sequence, preferred: Sequence) -> list:
+    """Known values in their preferred order, then the rest in order of appearance."""
+    seen = list(dict.fromkeys(values))
+    return [v for v in preferred if v in seen] + [v for v in seen if v not in preferred]
+
+
+def _row_keys(records: list[dict]) -> list[str]:
+    extra = dict.fromkeys(k for r in records for k in r if k not in (*ROW_KEYS, "metric", "value"))
+    return [*ROW_KEYS, *extra]
+
+
+def pivot(records: list[dict]) -> tuple[list[str], list[str], dict[tuple, dict[str, float]]]:
+    """(row keys, metric names, {row: {metric: value}}): one row per record identity, one column per metric,
+    rows ordered by dataset, task, mode (teacher first), dims (largest first), quantization."""
+    keys = _row_keys(records)
+    metrics = list(dict.fromkeys(r["metric"] for r in records))
+    rows: dict[tuple, dict[str, float]] = {}
+    for r in records:
+        rows.setdefault(tuple(r.get(k) for k in keys), {})[r["metric"]] = r["value"]
+    modes = _order([r.get("mode") for r in records], MODE_ORDER)
+    quants = _order([r.get("quantization") for r in records], QUANT_ORDER)
+
+    def sort_key(row: tuple):
+        v = dict(zip(keys, row))
+        return (str(v["dataset"]), str(v["split"]), str(v["task"]), modes.index(v["mode"]), -(v["dims"] or 0),
+                quants.index(v["quantization"]), tuple(str(v[k]) for k in keys[len(ROW_KEYS):]))
+
+    return keys, metrics, dict(sorted(rows.items(), key=lambda item: sort_key(item[0])))
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(records: list[dict]) -> str:
+    """One table per task (retrieval and STS report different metrics), metrics as columns."""
+    out = []
+    for task in dict.fromkeys(r.get("task") for r in records):
+        keys, metrics, rows = pivot([r for r in records if r.get("task") == task])
+        shown = [i for i, k in enumerate(keys) if k != "task"]
+        header = [keys[i] for i in shown] + metrics
+        out += [f"### {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row, values in rows.items():
+            cells = [_cell(row[i]) for i in shown] + [_cell(values.get(m)) for m in metrics]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _meta_line(key: str, value) -> list[str]:
+    if isinstance(value, dict):
+        return [f"- {key}: " + ", ".join(f"{k}={v}" for k, v in value.items())]
+    if isinstance(value, list):
+        return [line for item in value for line in _meta_line(key, item)]
+    return [f"- {key}: {value}"]
+
+
+def render_markdown(records: list[dict], title: str, meta: dict | None = None, notes: Sequence[str] = (),
+                    plots: Sequence[Path] = ()) -> str:
+    lines = [f"# {title}", ""]
+    for key, value in (meta or {}).items():
+        lines += _meta_line(key, value)
+    if notes:
+        lines += ["", "Notes:", *[f"- {n}" for n in notes]]
+    lines += ["", markdown_table(records)]
+    lines += [f"![{p.stem}]({p.as_posix()})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def headline(records: list[dict]) -> list[str]:
+    """One line per (dataset, split, task): its first-reported metric at full dims and float32 for every mode,
+    each mode also as a share of the teacher's (the paper's "96.1% of the teacher")."""
+    lines = []
+    for dataset, split, task in dict.fromkeys((r["dataset"], r["split"], r["task"]) for r in records):
+        group = [r for r in records if (r["dataset"], r["split"], r["task"]) == (dataset, split, task)]
+        metric, dims = group[0]["metric"], max(r["dims"] for r in group)
+        best = {r["mode"]: r["value"] for r in group
+                if (r["metric"], r["dims"], r["quantization"]) == (metric, dims, "float32")}
+        teacher = best.get("teacher")
+        parts = [f"{mode} {best[mode]:.4f}" + (f" ({best[mode] / teacher:.1%})" if teacher and mode != "teacher" else "")
+                 for mode in _order(list(best), MODE_ORDER)]
+        lines.append(f"{dataset}/{split} {metric} @{dims}d float32: " + " | ".join(parts))
+    return lines
+
+
+def plot_metric_vs_dims(records: list[dict], metric: str, out_dir: Path) -> list[Path]:
+    """Per (dataset, split): one panel per mode, `metric` against dims, one line per quantization."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [r for r in records if r["metric"] == metric]
+    paths = []
+    for dataset, split in dict.fromkeys((r["dataset"], r["split"]) for r in chosen):
+        group = [r for r in chosen if (r["dataset"], r["split"]) == (dataset, split)]
+        modes = _order([r["mode"] for r in group], MODE_ORDER)
+        fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.6), sharey=True, squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            for quant in _order([r["quantization"] for r in group], QUANT_ORDER):
+                points = sorted((r["dims"], r["value"]) for r in group if (r["mode"], r["quantization"]) == (mode, quant))
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=quant)
+            dims = sorted({r["dims"] for r in group})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(dims, [str(d) for d in dims])
+            ax.minorticks_off()
+            ax.set_title(mode)
+            ax.set_xlabel("dims")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(metric)
+        axes[0][-1].legend(title="quantization")
+        fig.suptitle(f"{dataset} ({split})")
+        fig.tight_layout()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{dataset}_{split}_{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(out_dir: Path, records: list[dict], title: str, meta: dict | None = None,
+                 notes: Sequence[str] = (), plot_metrics: Sequence[str] = ("ndcg_at_10",)) -> dict[str, Path]:
+    """results.json (meta, notes, records), results.md and plots/*.png under `out_dir`; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = [p for m in plot_metrics for p in plot_metric_vs_dims(records, m, out_dir / "plots")]
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps({"title": title, "meta": meta or {}, "notes": list(notes), "records": records},
+                                    indent=1, default=str))
+    md_path = out_dir / "results.md"
+    md_path.write_text(render_markdown(records, title, meta, notes, [p.relative_to(out_dir) for p in plots]))
+    return {"json": json_path, "markdown": md_path, **{p.stem: p for p in plots}}
