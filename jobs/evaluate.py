@@ -1,0 +1,54 @@
+"""Evaluate a student against its teacher through mteb on local BEIR / STS folders: teacher, student and
+asymmetric mode (student queries, teacher documents) at every configured Matryoshka dim and quantization.
+
+    python jobs/evaluate.py --student runs/quickstart/student [--teacher ID_OR_PATH] [--datasets scifact ...]
+                            [--out DIR] [--config configs/quickstart.yaml] [key.path=value ...]
+
+The teacher comes from the student's leaf_manifest.json unless --teacher names one; its vectors go through
+the teacher cache. Writes results.json, results.md and plots/*.png (default: <runs_root>/<name>/evaluate).
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+from leaf_ray.config import DEFAULT_CONFIG, load_config
+from leaf_ray.evaluate import build_sources, resolve_teacher, run_evaluation
+from leaf_ray.report import write_report
+from leaf_ray.runtime import init_ray
+
+
+def main(argv=None) -> dict[str, Path]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", required=True, help="student directory (with leaf_manifest.json) or model id")
+    parser.add_argument("--teacher", help="teacher model id or path (default: the one the student manifest names)")
+    parser.add_argument("--datasets", nargs="+", help="BEIR folders, under the data root or absolute "
+                                                      "(default: evaluate.datasets)")
+    parser.add_argument("--out", help="output folder (default: <storage.runs_root>/<name>/evaluate)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML run config")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluate.dims=[256,128]")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.datasets:
+        cfg.evaluate.datasets = args.datasets
+
+    teacher = resolve_teacher(Path(args.student), args.teacher, cfg.teacher)
+    init_ray(cfg.ray)
+    sources = build_sources(args.student, teacher, cfg.storage.cache_path(), cfg.evaluate.batch_size, cfg.allow_hub)
+    result = run_evaluation(cfg.evaluate, sources, cfg.data)
+
+    meta = {"student": args.student, "teacher": teacher.model, "teacher_query_prompt": teacher.query_prompt,
+            "teacher_document_prompt": teacher.document_prompt, "data": result.datasets, "timings_s": result.timings}
+    out = Path(args.out) if args.out else cfg.storage.runs_path() / cfg.name / "evaluate"
+    paths = write_report(out, result.records, f"LEAF evaluation: {args.student} vs teacher {teacher.model}", meta,
+                         result.notes(), plot_metrics=("ndcg_at_10", "cosine_spearman"))
+    for note in result.notes():
+        print(f"note: {note}")
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
