@@ -165,6 +165,9 @@ class EvalConfig(_Section):
     batch_size: int = Field(default=64, gt=0)
     max_corpus: int | None = Field(default=None, gt=0)  # subsample corpus (keeps judged docs)
     max_queries: int | None = Field(default=None, gt=0)
+    # Serving speed of teacher vs leaf in the run report, on this many queries and documents of the first
+    # dataset (measured side by side); 0 skips it.
+    throughput_samples: int = Field(default=200, ge=0)
     seed: int = 0  # for the max_corpus / max_queries subsamples
     # Which prompt STS sentences get: symmetric pairs have no query side; "document" is the empty prompt for
     # most teachers (arctic-embed, mpnet), "query" suits e5-style teachers that prompt symmetric tasks as queries.

@@ -1,0 +1,141 @@
+"""jobs/distill.py end to end on tiny models and real data: as a script, and through `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import DATA_ROOT, REPO, random_texts
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def tiny_run_config(tmp: Path, teacher: Path, name: str = "tiny") -> Path:
+    texts = tmp / "texts.jsonl"
+    with texts.open("w") as out:
+        for i, text in enumerate(random_texts(320, seed=11)):
+            out.write(json.dumps({"id": f"t{i}", "text": text, "kind": "query" if i % 4 else "document"}) + "\n")
+    config = {
+        "name": name,
+        "data": {"root": str(DATA_ROOT), "validation_size": 32, "sources": [{"path": str(texts)}]},
+        "teacher": {"model": str(teacher), "max_length": 64, "batch_size": 32, "chunk_rows": 128,
+                    "num_cpus_per_actor": 0.5, "torch_threads": 1},
+        "student": {"kind": "teacher_layers", "layers": [0, 2], "max_length": 64},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 5e-4, "num_workers": 1, "cpus_per_worker": 0.5,
+                  "torch_threads": 1},
+        "evaluate": {"datasets": ["scifact"], "sts": "stsbenchmark", "dims": [16], "max_corpus": 300,
+                     "max_queries": 40, "quantizations": ["float32", "int8", "binary"],
+                     "throughput_samples": 16},
+        "ray": {"num_cpus": 2},
+        "storage": {"cache_root": str(tmp / "cache"), "runs_root": str(tmp / "runs")},
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_job(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=800,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_teacher, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distill")
+    config = tiny_run_config(tmp, tiny_teacher)
+    proc = run_job("jobs/distill.py", "--config", str(config))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return tmp, config, proc
+
+
+def test_distill_produces_a_loadable_student_results_and_plots(finished_run):
+    from sentence_transformers import SentenceTransformer
+
+    tmp, _, proc = finished_run
+    run = tmp / "runs" / "tiny"
+    student = SentenceTransformer(str(run / "student"), device="cpu")
+    assert student.encode(["gene study"]).shape == (1, 32)  # the teacher's dimension
+    results = json.loads((run / "results.json").read_text())
+    records = results["records"]
+    modes = {(r["dataset"], r["mode"]) for r in records}
+    assert {("scifact", "teacher"), ("scifact", "student"), ("scifact", "asymmetric")} <= modes
+    assert {r["dims"] for r in records if r["dataset"] == "scifact"} == {32, 16}
+    assert {r["quantization"] for r in records} == {"float32", "int8", "binary"}
+    assert any(r["metric"] == "overlap_at_10" for r in records)
+    assert any(r["dataset"] == "stsbenchmark" for r in records)
+    meta = results["meta"]
+    assert set(meta["stage_seconds"]) == {"teacher", "train", "evaluate", "throughput"}
+    assert meta["params"]["total"] > 0 and meta["throughput"]["student"]["docs_per_s"] > 0
+    assert list(run.glob("plots/*.png")) and (run / "results.md").is_file()
+    manifest = json.loads((run / "student" / "leaf_manifest.json").read_text())
+    assert manifest["results"]["headline"]
+    assert "[leaf] report:" in proc.stdout and "scifact/test ndcg_at_10" in proc.stdout
+
+
+def test_rerun_refuses_finished_run_and_new_name_reuses_cache(finished_run):
+    tmp, config, _ = finished_run
+    manifests = list((tmp / "cache" / "teacher").rglob("manifest.json"))
+    before = {p: json.loads(p.read_text())["finished"] for p in manifests}
+    again = run_job("jobs/distill.py", "--config", str(config))
+    assert again.returncode != 0 and "already finished" in again.stderr
+    assert (tmp / "runs" / "tiny" / "run_complete.json").is_file()
+    second = run_job("jobs/distill.py", "--config", str(config), "name=tiny-2", "train.epochs=1",
+                     "evaluate.sts=null", "evaluate.quantizations=[float32]")
+    assert second.returncode == 0, second.stderr[-5000:]
+    after = {p: json.loads(p.read_text())["finished"] for p in manifests}
+    assert after == before, "the teacher cache was recomputed"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_local_head(tiny_teacher, tmp_path):
+    """The README's `ray job submit` flow against a head the test starts on 127.0.0.1 and stops after."""
+    config = tiny_run_config(tmp_path, tiny_teacher, name="submitted")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = Path(tempfile.mkdtemp(prefix="lrjob-", dir="/tmp"))  # short: Ray's socket paths are limited
+    log = (temp_dir / "head.log").open("w")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                             f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while "Ray runtime started" not in (temp_dir / "head.log").read_text() and time.time() < deadline:
+            assert head.poll() is None, (temp_dir / "head.log").read_text()[-3000:]
+            time.sleep(0.5)
+        runtime_env = json.dumps({"env_vars": {"LEAF_DATA_DIR": str(DATA_ROOT), "HF_HUB_OFFLINE": "1"}})
+        job = subprocess.run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                              "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
+                              "python", "jobs/distill.py", "--config", str(config)],
+                             env=env, capture_output=True, text=True, timeout=800, cwd=REPO)
+        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-3000:]
+        assert "Started a local Ray instance" not in job.stdout  # it joined the cluster
+        run = tmp_path / "runs" / "submitted"
+        assert (run / "student" / "leaf_manifest.json").is_file() and (run / "results.json").is_file()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # only the head this test started: `ray stop` ends every Ray process
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
