@@ -93,8 +93,9 @@ def _source_dir(name: str, trust_remote_code: bool, allow_pickle: bool, cache_ro
     return path
 
 
-def _load_flags(cfg: StudentConfig, teacher: TeacherConfig) -> tuple[bool, bool]:
-    """(trust_remote_code, allow_pickle_weights) of the model the encoder is made from."""
+def load_flags(cfg: StudentConfig, teacher: TeacherConfig) -> tuple[bool, bool]:
+    """(trust_remote_code, allow_pickle_weights) of the model the encoder is made from (the student's own
+    settings for `pretrained`, the teacher's for students cut from it)."""
     if cfg.kind == "pretrained":
         return cfg.trust_remote_code, cfg.allow_pickle_weights
     return teacher.trust_remote_code, teacher.allow_pickle_weights
@@ -155,7 +156,7 @@ def _fresh_bert(cfg: StudentConfig, tokenizer):
 def build_encoder(cfg: StudentConfig, teacher: TeacherConfig, cache_root=".leaf_cache",
                   allow_hub: bool = False) -> Transformer:
     """The student's Transformer module, built as `cfg.kind` says (see the module docstring)."""
-    trust, pickle_ok = _load_flags(cfg, teacher)
+    trust, pickle_ok = load_flags(cfg, teacher)
     source = _source_dir(cfg.model if cfg.kind == "pretrained" else teacher.model, trust, pickle_ok,
                          cache_root, allow_hub)
     kwargs = dict(max_seq_length=cfg.max_length,
@@ -371,3 +372,13 @@ def export_student(model: SentenceTransformer, out_dir: str | Path, manifest: di
         return out_dir
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def update_manifest(path: str | Path, **fields) -> dict:
+    """Add results (or other fields) to an exported student's manifest, atomically."""
+    manifest = read_manifest(path) | fields
+    target = Path(path) / MANIFEST_NAME
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, target)
+    return manifest

@@ -41,9 +41,9 @@ import torch.nn.functional as F
 
 from leaf_ray.config import RunConfig, TrainConfig
 from leaf_ray.data import split_validation, to_dataset
-from leaf_ray.student import (MANIFEST_NAME, TeacherRows, build_student, export_student,
-                              forward_texts, freeze_unused_parameters, load_student, read_manifest,
-                              student_manifest, teacher_parameter_count)
+from leaf_ray.student import (MANIFEST_NAME, TeacherRows, build_student, export_student, forward_texts,
+                              freeze_unused_parameters, load_flags, load_student, read_manifest, student_manifest,
+                              teacher_parameter_count)
 
 ROWS_PER_BLOCK = 1024  # Ray Data block size for an in-memory training table
 
@@ -177,9 +177,9 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, state: TrainSt
     (directory / "train_state.json").write_text(json.dumps(asdict(state)))
 
 
-def _restore(directory: Path, device: torch.device):
+def _restore(directory: Path, device: torch.device, trust_remote_code: bool = False):
     """(model, optimizer state, scheduler state, TrainState) from a checkpoint directory."""
-    model = load_student(directory)
+    model = load_student(directory, trust_remote_code=trust_remote_code)
     optimizer = torch.load(directory / "optimizer.pt", map_location=device, weights_only=True)
     scheduler = torch.load(directory / "scheduler.pt", weights_only=True)
     state = TrainState(**json.loads((directory / "train_state.json").read_text()))
@@ -205,102 +205,122 @@ class _Clock:
         return time.perf_counter() - self.started - self.paused_s
 
 
-def _batches(shard, cfg: TrainConfig, state: TrainState, rank: int):
-    """This worker's batches of the current epoch as TeacherRows (with ids), skipping the ones a resumed
-    run already trained on."""
-    batches = shard.iter_batches(
-        batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
-        local_shuffle_buffer_size=cfg.shuffle_buffer_rows or None,
-        local_shuffle_seed=cfg.seed * 100_003 + state.epoch * 1_009 + rank if cfg.shuffle_buffer_rows else None)
-    for index, batch in enumerate(batches):
-        if index >= state.batch_in_epoch:
-            yield TeacherRows.of(batch), [str(i) for i in batch["id"]]
+class _Worker:
+    """One DDP rank: its student, optimiser and counters, and the steps of the training loop."""
+
+    def __init__(self, config: dict):
+        import ray
+        import ray.train
+        import ray.train.torch
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per load would flood the driver's log
+        run = RunConfig.model_validate(config["cfg"])
+        self.cfg, trust = run.train, load_flags(run.student, run.teacher)[0]
+        self.total, self.trace = config["total_steps"], config["trace_ids"]
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        torch.set_num_threads(worker_threads(self.cfg))
+        torch.manual_seed(self.cfg.seed + self.rank)
+        self.device = ray.train.torch.get_device()
+        self.history = Path(config["history"]) if self.rank == 0 else None
+        self.val = ray.get(config["val"])
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as directory:
+                self.model, opt_state, sched_state, self.state = _restore(Path(directory), self.device, trust)
+        else:
+            self.model, opt_state, sched_state = load_student(config["init_dir"], trust_remote_code=trust), None, None
+            self.state = TrainState()
+        self.start = {"event": "start", "step": self.state.step, "epoch": self.state.epoch,
+                      "resumed": checkpoint is not None, "weights_digest": state_digest(self.model),
+                      "world_size": self.world}
+        freeze_unused_parameters(self.model)
+        self.model.to(self.device)
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg, self.total)
+        if opt_state is not None:
+            self.optimizer.load_state_dict(opt_state)
+            self.scheduler.load_state_dict(sched_state)
+        self.forward = ray.train.torch.prepare_model(self.model, move_to_device=False)
+        self.first_step, self.last_checkpoint = self.state.step, self.state.step if checkpoint else -1
+        self.window, self.seen = [], []
+
+    def validate(self) -> dict:
+        return evaluate(self.model, self.val, self.cfg.loss, rank=self.rank, world=self.world)
+
+    def samples_per_s(self) -> float:
+        return (self.state.step - self.first_step) * self.cfg.batch_size * self.world / max(self.clock.seconds, 1e-9)
+
+    def report(self, metrics: dict, checkpoint: bool = False) -> None:
+        """Every rank reports (Ray Train's barrier); rank 0 also logs and, if asked, saves the checkpoint."""
+        import ray.train
+
+        with self.clock.paused():
+            metrics = {**metrics, "step": self.state.step, "epoch": self.state.epoch, "samples": self.state.samples}
+            _log(self.history, metrics)
+            if checkpoint:
+                self.last_checkpoint = self.state.step
+            if checkpoint and self.rank == 0:
+                with tempfile.TemporaryDirectory(prefix="leaf-ckpt-") as directory:
+                    save_checkpoint(Path(directory), self.model, self.optimizer, self.scheduler, self.state)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            else:
+                ray.train.report(metrics)
+
+    def batches(self, shard):
+        """This rank's batches of the current epoch (with their ids), skipping those a resumed run trained."""
+        cfg, shuffle = self.cfg, self.cfg.shuffle_buffer_rows
+        batches = shard.iter_batches(
+            batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=shuffle or None,
+            local_shuffle_seed=cfg.seed * 100_003 + self.state.epoch * 1_009 + self.rank if shuffle else None)
+        for index, batch in enumerate(batches):
+            if index >= self.state.batch_in_epoch:
+                yield TeacherRows.of(batch), [str(i) for i in batch["id"]]
+
+    def run_epoch(self, shard) -> bool:
+        """Train through the epoch; False if the step budget ran out first."""
+        cfg, state = self.cfg, self.state
+        for batch, ids in self.batches(shard):
+            if state.step >= self.total:
+                return False
+            self.window.append(train_step(self.model, self.forward, batch, self.optimizer, self.scheduler, cfg,
+                                          self.device))
+            if self.trace:
+                self.seen.extend(ids)
+            state.step, state.batch_in_epoch, state.samples = (state.step + 1, state.batch_in_epoch + 1,
+                                                               state.samples + len(ids) * self.world)
+            if state.step % cfg.log_every_steps == 0:
+                loss = _all_reduce(torch.tensor([float(np.mean(self.window))], device=self.device), self.world)
+                self.window = []
+                self.report({"event": "log", "loss": loss.item() / self.world, "lr": self.scheduler.get_last_lr()[0],
+                             "samples_per_s": self.samples_per_s()})
+            if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+                self.report({"event": "checkpoint"}, checkpoint=True)
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        self.report({"event": "epoch", **self.validate()}, checkpoint=True)
+        return True
+
+    def run(self) -> dict:
+        import ray.train
+
+        _log(self.history, {**self.start, **self.validate()})
+        self.clock = _Clock()
+        shard = ray.train.get_dataset_shard("train")
+        while self.state.step < self.total and self.state.epoch < self.cfg.epochs and self.run_epoch(shard):
+            pass
+        final = {"event": "end", "samples_per_s": self.samples_per_s(),
+                 "steps_this_run": self.state.step - self.first_step, **self.validate()}
+        self.report(final, checkpoint=self.state.step != self.last_checkpoint)
+        return {"start": self.start, "final": {**final, **asdict(self.state)},
+                "ids_by_rank": _gather(self.seen, self.world) if self.trace else None}
 
 
 def _worker_loop(config: dict) -> dict:
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    cfg = RunConfig.model_validate(config["cfg"])
-    tc = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(worker_threads(tc))
-    torch.manual_seed(tc.seed + rank)
-    device = ray.train.torch.get_device()
-    history = Path(config["history"]) if rank == 0 else None
-    total = config["total_steps"]
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            model, opt_state, sched_state, state = _restore(Path(directory), device)
-    else:
-        model, opt_state, sched_state, state = load_student(config["init_dir"]), None, None, TrainState()
-    start = {"event": "start", "step": state.step, "epoch": state.epoch, "resumed": checkpoint is not None,
-             "weights_digest": state_digest(model), "world_size": world}
-    freeze_unused_parameters(model)
-    model.to(device)
-    optimizer = make_optimizer(model, tc)
-    scheduler = make_scheduler(optimizer, tc, total)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
-        scheduler.load_state_dict(sched_state)
-    forward = ray.train.torch.prepare_model(model, move_to_device=False)
-    val = ray.get(config["val"])
-    _log(history, {**start, **evaluate(model, val, tc.loss, rank=rank, world=world)})
-
-    def report(metrics: dict, with_checkpoint: bool) -> None:
-        metrics = {**metrics, "step": state.step, "epoch": state.epoch, "samples": state.samples}
-        _log(history, metrics)
-        if with_checkpoint and rank == 0:
-            with tempfile.TemporaryDirectory(prefix="leaf-ckpt-") as directory:
-                save_checkpoint(Path(directory), model, optimizer, scheduler, state)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
-
-    clock, first_step, last_checkpoint = _Clock(), state.step, state.step if checkpoint else -1
-    window, seen = [], []
-    shard = ray.train.get_dataset_shard("train")
-    while state.step < total and state.epoch < tc.epochs:
-        for batch, ids in _batches(shard, tc, state, rank):
-            window.append(train_step(model, forward, batch, optimizer, scheduler, tc, device))
-            if config["trace_ids"]:
-                seen.extend(ids)
-            state.step += 1
-            state.batch_in_epoch += 1
-            state.samples += len(ids) * world
-            if state.step % tc.log_every_steps == 0:
-                with clock.paused():
-                    loss = _all_reduce(torch.tensor([float(np.mean(window))], device=device), world).item() / world
-                    window = []
-                    report({"event": "log", "loss": loss, "lr": scheduler.get_last_lr()[0],
-                            "samples_per_s": (state.step - first_step) * tc.batch_size * world / clock.seconds},
-                           with_checkpoint=False)
-            if tc.checkpoint_every_steps and state.step % tc.checkpoint_every_steps == 0:
-                with clock.paused():
-                    report({"event": "checkpoint"}, with_checkpoint=True)
-                    last_checkpoint = state.step
-            if state.step >= total:
-                break
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            with clock.paused():
-                report({"event": "epoch", **evaluate(model, val, tc.loss, rank=rank, world=world)},
-                       with_checkpoint=True)
-                last_checkpoint = state.step
-            continue
-        break
-    rate = (state.step - first_step) * tc.batch_size * world / max(clock.seconds, 1e-9)
-    final = {"event": "end", "samples_per_s": rate, "steps_this_run": state.step - first_step,
-             **evaluate(model, val, tc.loss, rank=rank, world=world)}
-    report(final, with_checkpoint=state.step != last_checkpoint)
-    ids_by_rank = _gather(seen, world) if config["trace_ids"] else None
-    return {"start": start, "final": {**final, "step": state.step, "epoch": state.epoch, "samples": state.samples},
-            "ids_by_rank": ids_by_rank}
+    """Ray Train's per-worker entry point; returns rank 0's summary as the Result's return_value."""
+    return _Worker(config).run()
 
 
 def _gather(obj, world: int) -> list:
@@ -439,7 +459,8 @@ def train_student(cfg: RunConfig, train, val, teacher_dim: int, *, train_rows: i
     with result.checkpoint.as_directory() as directory:
         manifest = read_manifest(init_dir)
         manifest.update(run=cfg.name, train=cfg.train.model_dump(), results={"train": summary["final"]})
-        student_path = export_student(load_student(directory), run_dir / "student", manifest)
+        final = load_student(directory, trust_remote_code=load_flags(cfg.student, cfg.teacher)[0])
+        student_path = export_student(final, run_dir / "student", manifest)
     return TrainResult(run_dir=run_dir, student_path=student_path, checkpoint_path=result.checkpoint.path,
                        history_path=run_dir / "metrics.jsonl", steps=summary["final"]["step"],
                        samples_per_s=summary["final"]["samples_per_s"], metrics=summary["final"],
