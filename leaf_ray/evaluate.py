@@ -443,7 +443,7 @@ def encode_once(sources: Mapping[str, VectorSource], texts: list[str], ids: list
             started = time.perf_counter()
             done[id(source)] = _normalised(source(texts, ids, kind), len(texts), name)
             if timings is not None:
-                timings[f"encode_{name}_{kind}s_s"] = round(time.perf_counter() - started, 2)
+                timings[f"encode_{name}_{kind}_s"] = round(time.perf_counter() - started, 2)
         out[name] = done[id(source)]
     return out
 

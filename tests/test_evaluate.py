@@ -32,7 +32,7 @@ from leaf_ray.evaluate import (
     retrieval_task,
     run_evaluation,
     run_retrieval,
-    sentence_transformer_source,
+    teacher_cache_source,
     truncate,
     variants,
 )
@@ -354,16 +354,21 @@ def test_job_evaluates_a_student_dir_against_its_manifest_teacher(ray_local, tin
 
 
 @pytest.fixture(scope="session")
-def scifact_minilm(data_root, tmp_path_factory):
-    """SciFact test split and MiniLM's vectors of its queries and full corpus, encoded once per session."""
-    from leaf_ray.models import MINILM_ID, load_sentence_transformer
+def minilm_teacher(ray_local):
+    """MiniLM through the project's teacher cache (.leaf_cache, as the jobs use it): a session encodes the
+    SciFact corpus at most once (~4 min on 2 idle cores), and later sessions reuse the cached vectors."""
+    from leaf_ray.models import MINILM_ID
 
+    return teacher_cache_source(TeacherConfig(model=MINILM_ID, torch_threads=2), REPO / ".leaf_cache")
+
+
+@pytest.fixture(scope="session")
+def scifact_minilm(data_root, minilm_teacher):
+    """SciFact's test split and MiniLM's vectors of its queries and full corpus."""
     data = load_beir(data_root / "scifact", "test")
-    model = load_sentence_transformer(MINILM_ID, REPO / ".leaf_cache")
-    source = sentence_transformer_source(model, {}, batch_size=64, progress=False)
-    vectors = {"query": source(data.query_texts, data.query_ids, "query"),
-               "document": source(data.corpus_texts, data.corpus_ids, "document")}
-    return data, model, vectors
+    vectors = {"query": minilm_teacher(data.query_texts, data.query_ids, "query"),
+               "document": minilm_teacher(data.corpus_texts, data.corpus_ids, "document")}
+    return data, vectors
 
 
 def served(data, vectors: dict[str, np.ndarray]):
@@ -378,10 +383,11 @@ def served(data, vectors: dict[str, np.ndarray]):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # a cold teacher cache means encoding SciFact first (~4 min on 2 idle cores)
 def test_minilm_as_teacher_and_student_on_scifact(scifact_minilm):
     import time
 
-    data, _, vectors = scifact_minilm
+    data, vectors = scifact_minilm
     minilm = served(data, vectors)
     started = time.perf_counter()
     records = evaluate_retrieval(data, {"teacher": minilm, "student": minilm}, dims=[256, 128], quantizations=QUANTS,
@@ -406,8 +412,9 @@ def test_minilm_as_teacher_and_student_on_scifact(scifact_minilm):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # a cold teacher cache means encoding SciFact first (~4 min on 2 idle cores)
 def test_misaligned_student_fails_asymmetric_retrieval_on_scifact(scifact_minilm):
-    data, _, vectors = scifact_minilm
+    data, vectors = scifact_minilm
     teacher = served(data, vectors)
     records = evaluate_retrieval(data, {"teacher": teacher, "student": rotated(teacher, 384)}, progress=False)
     teacher_ndcg = value(records, mode="teacher", metric="ndcg_at_10")
@@ -418,9 +425,8 @@ def test_misaligned_student_fails_asymmetric_retrieval_on_scifact(scifact_minilm
 
 
 @pytest.mark.slow
-def test_minilm_on_sts_benchmark_matches_its_published_score(scifact_minilm, data_root):
-    _, model, _ = scifact_minilm
-    source = sentence_transformer_source(model, {}, batch_size=64, progress=False)
-    records = evaluate_sts(load_sts(data_root / "stsbenchmark", "test"), {"teacher": source},
+@pytest.mark.timeout(1500)  # a cold teacher cache means encoding SciFact first (~4 min on 2 idle cores)
+def test_minilm_on_sts_benchmark_matches_its_published_score(minilm_teacher, data_root):
+    records = evaluate_sts(load_sts(data_root / "stsbenchmark", "test"), {"teacher": minilm_teacher},
                            quantizations=["float32"], progress=False)
     assert value(records, metric="cosine_spearman") == pytest.approx(0.8203, abs=5e-3)  # MTEB STSBenchmark
