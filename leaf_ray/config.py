@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import reprlib
 from pathlib import Path
 from typing import Any, Literal
@@ -76,9 +77,55 @@ class DataConfig(_Section):
         return p if p.is_absolute() else self.resolved_root() / p
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+class VllmOptions(_Section):
+    """Engine options of the `vllm` teacher backend (one `vllm.LLM(runner="pooling")` per actor)."""
+
+    # None follows teacher.dtype, where "auto" means float32 on CPU and the model's own dtype on GPU.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
+    max_model_len: int | None = Field(default=None, gt=0)  # None: teacher.max_length
+    # On the CPU backend this is the fraction of *RAM* vLLM reserves. None: 0.05 on CPU, 0.9 x the
+    # actor's GPU share on GPU.
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    enforce_eager: bool | None = None  # None: True on CPU (no graph capture), False on GPU
+    tensor_parallel_size: int = Field(default=1, ge=1)  # GPUs per engine; needs num_gpus_per_actor >= it
+    hf_overrides: dict[str, Any] = {}  # e.g. {is_matryoshka: true} for Matryoshka teachers
+    dimensions: int | None = Field(default=None, gt=0)  # Matryoshka output size (PoolingParams(dimensions=...))
+    engine_kwargs: dict[str, Any] = {}  # any other vllm.LLM(...) argument, passed through
+
+
+class EndpointOptions(_Section):
+    """Options of the `endpoint` teacher backend: an OpenAI-compatible POST {base_url}/v1/embeddings."""
+
+    base_url: str | None = None  # e.g. http://embed.internal:8000 (required for backend: endpoint)
+    model: str | None = None  # the served model name; None: teacher.model
+    # NAME of the environment variable that holds the API key (the key itself never goes in a config).
+    api_key_env: str | None = None
+    max_concurrency: int = Field(default=4, ge=1)  # requests in flight per actor
+    max_retries: int = Field(default=5, ge=0)  # on 429, 5xx, timeouts and connection errors
+    backoff_s: float = Field(default=0.5, ge=0)  # first retry wait; doubles each retry (with jitter)
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+    request_batch_size: int = Field(default=64, ge=1)  # texts per HTTP request
+    dimensions: int | None = Field(default=None, gt=0)  # OpenAI `dimensions` (Matryoshka servers)
+    # vLLM servers: send `truncate_prompt_tokens: teacher.max_length` so long texts are cut, not refused.
+    truncate_prompt_tokens: bool = False
+    tokenizer: str | None = None  # local tokenizer for truncation counts; None: teacher.model when it resolves
+
+    @model_validator(mode="after")
+    def _key_is_a_name(self) -> EndpointOptions:
+        # Checked here (not per field) so a pasted key is not echoed back in the config error.
+        if self.api_key_env is not None and not _ENV_NAME.fullmatch(self.api_key_env):
+            raise ValueError("endpoint.api_key_env must be the NAME of an environment variable that holds the key "
+                             "(letters, digits, _), never the key itself")
+        return self
+
+
 class TeacherConfig(_Section):
     model: str = "sentence-transformers/all-MiniLM-L6-v2"
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "vllm", "endpoint"] = "transformers"
     query_prompt: str = ""
     document_prompt: str = ""
     max_length: int = Field(default=256, gt=0)
@@ -100,12 +147,42 @@ class TeacherConfig(_Section):
     allow_pickle_weights: bool = False
     chunk_rows: int = Field(default=1024, gt=0)  # rows per cache part: the unit of resume
     on_damaged_cache: Literal["recompute", "error"] = "recompute"  # a truncated/mis-sized cache part
+    vllm: VllmOptions = VllmOptions()  # backend: vllm
+    endpoint: EndpointOptions = EndpointOptions()  # backend: endpoint
 
     @model_validator(mode="after")
     def _pool_range(self) -> TeacherConfig:
         if self.max_actors < self.min_actors:
             raise ValueError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
         return self
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> TeacherConfig:
+        if self.backend == "endpoint" and not self.endpoint.base_url:
+            raise ValueError("teacher.endpoint.base_url is required when teacher.backend is 'endpoint'")
+        if self.backend == "vllm":
+            if self.vllm.max_model_len is not None and self.vllm.max_model_len < self.max_length:
+                raise ValueError(f"teacher.vllm.max_model_len ({self.vllm.max_model_len}) < teacher.max_length "
+                                 f"({self.max_length})")
+            if self.vllm.tensor_parallel_size > 1 and self.num_gpus_per_actor < self.vllm.tensor_parallel_size:
+                raise ValueError(f"teacher.vllm.tensor_parallel_size ({self.vllm.tensor_parallel_size}) needs "
+                                 f"num_gpus_per_actor >= it (got {self.num_gpus_per_actor})")
+        return self
+
+    @property
+    def backend_options(self) -> dict | None:
+        """The backend settings that change vectors (part of the cache's teacher spec); None for transformers.
+
+        Engine sizing (memory, eager mode, parallelism) and endpoint plumbing (URL, key, retries) are left
+        out: they do not change the vectors, and a server that moves keeps its cache.
+        """
+        if self.backend == "vllm":
+            return {"dtype": self.vllm.dtype, "hf_overrides": self.vllm.hf_overrides,
+                    "dimensions": self.vllm.dimensions}
+        if self.backend == "endpoint":
+            return {"model": self.endpoint.model or self.model, "dimensions": self.endpoint.dimensions,
+                    "truncate_prompt_tokens": self.endpoint.truncate_prompt_tokens}
+        return None
 
     def prompt_for(self, kind: str) -> str:
         return self.query_prompt if kind == "query" else self.document_prompt

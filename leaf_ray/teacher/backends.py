@@ -79,7 +79,19 @@ def check_vectors(vectors: np.ndarray, rows: int, dim: int, teacher: str) -> np.
     return vectors
 
 
-BACKENDS = {"transformers": TransformersBackend}
+def _vllm_backend(cfg: TeacherConfig, cache_root: str, allow_hub: bool = False) -> TeacherBackend:
+    from leaf_ray.teacher.vllm_backend import VllmBackend  # imports vllm: only where this backend runs
+
+    return VllmBackend(cfg, cache_root, allow_hub)
+
+
+def _endpoint_backend(cfg: TeacherConfig, cache_root: str, allow_hub: bool = False) -> TeacherBackend:
+    from leaf_ray.teacher.endpoint_backend import EndpointBackend
+
+    return EndpointBackend(cfg, cache_root, allow_hub)
+
+
+BACKENDS = {"transformers": TransformersBackend, "vllm": _vllm_backend, "endpoint": _endpoint_backend}
 
 
 def make_backend(cfg: TeacherConfig, cache_root: str, allow_hub: bool = False) -> TeacherBackend:

@@ -26,8 +26,10 @@ from leaf_ray.config import TeacherConfig
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 # Teacher settings that change the vectors; anything else (pool size, batch size) does not.
+# `backend_options` holds the vLLM / endpoint settings that change vectors (never a URL or an API key);
+# it is None for the transformers backend and then left out, so those fingerprints are unchanged.
 SPEC_FIELDS = ("model", "backend", "query_prompt", "document_prompt", "max_length", "normalize", "dtype",
-               "cache_dtype")
+               "cache_dtype", "backend_options")
 
 
 class CacheMismatchError(ValueError):
@@ -39,7 +41,7 @@ class CacheDamagedError(RuntimeError):
 
 
 def teacher_spec(cfg: TeacherConfig) -> dict:
-    return {name: getattr(cfg, name) for name in SPEC_FIELDS}
+    return {name: value for name in SPEC_FIELDS if (value := getattr(cfg, name)) is not None}
 
 
 def teacher_fingerprint(cfg: TeacherConfig) -> str:
