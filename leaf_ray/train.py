@@ -237,7 +237,7 @@ class _Worker:
                       "resumed": checkpoint is not None, "weights_digest": state_digest(self.model),
                       "world_size": self.world}
         freeze_unused_parameters(self.model)
-        self.model.to(self.device)
+        self.model.to(self.device).train()  # dropout on (loaded encoders come in eval mode); validation turns it off
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.scheduler = make_scheduler(self.optimizer, self.cfg, self.total)
         if opt_state is not None:

@@ -15,7 +15,7 @@ from leaf_ray.config import StudentConfig
 from leaf_ray.data import split_validation
 from leaf_ray.student import (MANIFEST_NAME, StudentError, TeacherRows, build_student, count_parameters,
                               export_student, forward_texts, freeze_unused_parameters, read_manifest,
-                              safetensors_parameter_count, student_manifest)
+                              safetensors_parameter_count, student_manifest, update_manifest)
 from leaf_ray.train import evaluate
 
 from .conftest import TEACHER_PROMPTS, build_tiny_bert, tiny_teacher_config
@@ -165,6 +165,7 @@ def test_export_round_trip_without_leaf_ray(tiny_teacher, sample, tmp_path):
     assert manifest["param_counts"]["ratio"] == pytest.approx(1000 / count_parameters(student).total)
     assert manifest["student"]["layers"] == [0, 3] and manifest["results"] == {}
     assert json.loads((out / "config_sentence_transformers.json").read_text())["prompts"] == TEACHER_PROMPTS
+    assert update_manifest(out, results={"ndcg": 0.5})["results"] == read_manifest(out)["results"] == {"ndcg": 0.5}
 
     texts = ["protein expression in mouse cells", "risk of treatment", "the"]
     subprocess.run([sys.executable, "-c", LOAD_WITHOUT_LEAF_RAY, str(out), json.dumps(texts)], check=True,
