@@ -108,6 +108,10 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "ray": ray.__version__},
         "mean_ratio_note": "ratios use the best round of each side; per-round ratios are listed too",
+        "steady_caveat": "the Ray side's steady rate starts at the first batch to reach the driver, which arrives "
+                         "after the pool has already processed several batches, so it overstates the stage; "
+                         "with_startup_ratio is the fair end-to-end comparison (and a lower bound for steady "
+                         "state, since the stage's start-up is the longer one)",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "teacher_throughput.json"
