@@ -15,13 +15,8 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +25,7 @@ from leaf_ray.config import DataConfig, DataSource, TeacherConfig
 from leaf_ray.data import build_mix
 from leaf_ray.models import MINILM_ID, resolve_model
 from leaf_ray.teacher import stage
+from leaf_ray.teacher.vllm_server import start_vllm_server, stop_process_group
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,41 +40,6 @@ def run_stage(table, cfg: TeacherConfig) -> tuple[dict, np.ndarray]:
             "with_startup_rows_per_s": round(run["rows_computed"] / wall, 1),
             "steady_rows_per_s": run["steady_rows_per_s"], "first_output_s": run["first_output_s"],
             "truncated_texts": run["truncated_texts"], "load_avg_after": round(os.getloadavg()[0], 1)}, vectors
-
-
-def start_server(model_dir: Path, name: str, max_len: int, log_path: Path) -> tuple[subprocess.Popen, str, float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--runner", "pooling", "--model",
-           str(model_dir), "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", str(max_len), "--dtype", "float32", "--enforce-eager",
-           "--gpu-memory-utilization", "0.05"]
-    start = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    while time.perf_counter() - start < 900:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM server exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return proc, url, time.perf_counter() - start
-        except OSError:
-            time.sleep(1)
-    stop(proc)
-    raise RuntimeError("vLLM server not healthy after 900 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def cos_min(a: np.ndarray, b: np.ndarray) -> float:
@@ -113,8 +74,10 @@ def main() -> None:
         results[name], vectors[name] = run_stage(table, cfg)
         print(f"{name:16s} {results[name]}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url, server_start_s = start_server(resolve_model(MINILM_ID), MINILM_ID, args.max_length,
-                                                 Path(tmp) / "server.log")
+        started = time.perf_counter()
+        proc, url = start_vllm_server(resolve_model(MINILM_ID), MINILM_ID, args.max_length, Path(tmp) / "server.log",
+                                      timeout_s=900)
+        server_start_s = time.perf_counter() - started
         try:
             cfg = TeacherConfig.model_validate(base.model_dump() | {"backend": "endpoint", "endpoint": {
                 "base_url": url, "truncate_prompt_tokens": True, "request_batch_size": 64, "max_concurrency": 4}})
@@ -122,7 +85,7 @@ def main() -> None:
             results["endpoint_vllm_server"]["server_startup_s"] = round(server_start_s, 1)
             print(f"{'endpoint':16s} {results['endpoint_vllm_server']}", flush=True)
         finally:
-            stop(proc)
+            stop_process_group(proc)
     ray.shutdown()
 
     ref = results["transformers"]["steady_rows_per_s"]

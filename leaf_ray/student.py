@@ -28,6 +28,7 @@ from sentence_transformers.sentence_transformer.modules import Dense, Normalize,
 
 from leaf_ray.config import StudentConfig, TeacherConfig
 from leaf_ray.models import check_model_dir, resolve_model
+from leaf_ray.teacher.cache import embedding_matrix
 
 MANIFEST_NAME = "leaf_manifest.json"
 MANIFEST_FORMAT = "leaf-ray-student/1"
@@ -174,19 +175,6 @@ def build_encoder(cfg: StudentConfig, teacher: TeacherConfig, cache_root=".leaf_
         model.save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
         return Transformer(work, **kwargs)
-
-
-def embedding_matrix(values) -> np.ndarray:
-    """A (rows, dim) float32 array from teacher vectors as they arrive: an arrow (fixed-size) list column,
-    a numpy matrix, or a numpy object array of per-row vectors (Ray Data's form of a list column)."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    if isinstance(values, pa.Array):
-        if pa.types.is_fixed_size_list(values.type):
-            return values.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(values), -1)
-        values = values.to_numpy(zero_copy_only=False)
-    values = np.asarray(values)
-    return (np.stack(values) if values.dtype == object else values).astype(np.float32, copy=False)
 
 
 @dataclass

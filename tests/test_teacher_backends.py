@@ -14,16 +14,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import pickle
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 import time
-import urllib.request
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,6 +36,7 @@ from leaf_ray.teacher.endpoint_backend import (EndpointBackend, EndpointError, b
                                                is_retryable_status)
 from leaf_ray.teacher.stage import cache_path_for
 from leaf_ray.teacher.vllm_backend import engine_args
+from leaf_ray.teacher.vllm_server import free_port, start_vllm_server, stop_process_group
 from tests.conftest import REPO, random_texts
 
 FAKE_DIM = 8
@@ -140,12 +137,6 @@ def unit(rows) -> np.ndarray:
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def text_table(n: int, seed: int = 0) -> pa.Table:
@@ -458,33 +449,11 @@ def test_endpoint_backend_on_a_real_vllm_server(vllm_minilm, ray_local, minilm_t
     nothing half-written."""
     from leaf_ray.models import MINILM_ID, resolve_model
 
-    port = free_port()
-    log_path = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--runner", "pooling",
-           "--model", str(resolve_model(MINILM_ID)), "--served-model-name", MINILM_ID, "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", "256", "--dtype", "float32", "--enforce-eager",
-           "--gpu-memory-utilization", "0.05"]
-    with log_path.open("w") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                  env=os.environ | {"HF_HUB_OFFLINE": "1"})
-    base_url = f"http://127.0.0.1:{port}"
+    server, base_url = start_vllm_server(resolve_model(MINILM_ID), MINILM_ID, 256, tmp_path / "server.log")
     cfg = minilm_cfg(backend="endpoint", endpoint={"base_url": base_url, "truncate_prompt_tokens": True,
                                                    "request_batch_size": 32, "max_concurrency": 4,
                                                    "max_retries": 2, "backoff_s": 0.2})
     try:
-        deadline = time.time() + 600
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"vLLM server exited {server.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"vLLM server not healthy after 600 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
         served = build_cache(minilm_table, cfg, tmp_path / "cache")
         ids = served.read_table().column("id").to_pylist()
         assert len(set(ids)) == len(minilm_table) and ids == minilm_table.column("id").to_pylist()
@@ -492,7 +461,7 @@ def test_endpoint_backend_on_a_real_vllm_server(vllm_minilm, ray_local, minilm_t
         assert cos.min() > 0.9999, f"worst row {int(cos.argmin())}: {cos.min()}"
         assert served.manifest["last_run"]["truncated_texts"] == vllm_minilm.manifest["last_run"]["truncated_texts"]
     finally:
-        _stop(server)
+        stop_process_group(server)
     # the server is gone: new data (so a new cache) fails after retries, naming the endpoint
     table = minilm_table.slice(0, 40)
     started = time.monotonic()
@@ -502,13 +471,3 @@ def test_endpoint_backend_on_a_real_vllm_server(vllm_minilm, ray_local, minilm_t
     cache_dir, _ = cache_path_for(table, cfg, tmp_path / "cache")
     assert not json.loads((cache_dir / "manifest.json").read_text())["complete"]
     assert sorted(p.name for p in cache_dir.iterdir()) == ["manifest.json"]  # no parts, no temp files
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()

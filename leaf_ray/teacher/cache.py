@@ -181,27 +181,40 @@ class TeacherCache:
         _write_atomic(self.path / MANIFEST, lambda tmp: Path(tmp).write_text(text))
 
     # -- reading -------------------------------------------------------------------------------
-    def read_table(self) -> pa.Table:
-        """The whole cache (id, text, kind, embedding) in row order."""
-        return pa.concat_tables([pq.read_table(self.part_path(i)) for i in range(self.chunks)])
+    def parts(self) -> list[str]:
+        return [str(self.part_path(i)) for i in range(self.chunks)]
+
+    def read_table(self, columns: list[str] | None = None) -> pa.Table:
+        """The whole cache (id, text, kind, embedding, or just `columns`) in row order."""
+        return pa.concat_tables([pq.read_table(part, columns=columns) for part in self.parts()])
 
     def embeddings(self) -> np.ndarray:
         """All vectors as a (rows, dim) float32 array, in row order."""
-        column = self.read_table().column("embedding").combine_chunks()
-        return column.values.to_numpy(zero_copy_only=False).reshape(len(column), -1).astype(np.float32)
+        return embedding_matrix(self.read_table(["embedding"]).column("embedding"))
 
     def dataset(self):
         """The cache as a Ray Dataset read in parallel from its parts; `embedding` arrives in numpy
         batches as a (rows, dim) float32 matrix rather than an array of per-row arrays."""
         import ray
 
-        parts = [str(self.part_path(i)) for i in range(self.chunks)]
-        return ray.data.read_parquet(parts).map_batches(embeddings_as_matrix, batch_format="numpy")
+        return ray.data.read_parquet(self.parts()).map_batches(_embeddings_as_matrix, batch_format="numpy")
 
 
-def embeddings_as_matrix(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _embeddings_as_matrix(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Ray Data reads a fixed-size-list column as an object array of rows; stack it once here."""
-    column = batch["embedding"]
-    if column.dtype == object:
-        batch["embedding"] = np.stack(column).astype(np.float32, copy=False) if len(column) else column
+    batch["embedding"] = embedding_matrix(batch["embedding"])
     return batch
+
+
+def embedding_matrix(values) -> np.ndarray:
+    """A (rows, dim) float32 array from teacher vectors as they arrive: an arrow (fixed-size) list column,
+    a numpy matrix, or a numpy object array of per-row vectors (Ray Data's form of a list column)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        if pa.types.is_fixed_size_list(values.type):
+            return values.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(values), -1)
+        values = values.to_numpy(zero_copy_only=False)
+    values = np.asarray(values)
+    return (np.stack(values) if values.dtype == object and len(values) else values).astype(np.float32, copy=False)
+

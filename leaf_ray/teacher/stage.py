@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from leaf_ray.config import TeacherConfig
 from leaf_ray.data import fingerprint_table, to_dataset
 from leaf_ray.teacher.backends import make_backend
-from leaf_ray.teacher.cache import TeacherCache, teacher_fingerprint
+from leaf_ray.teacher.cache import TeacherCache, embedding_matrix, teacher_fingerprint
 
 log = logging.getLogger(__name__)
 # Rows per actor call = this many teacher forward batches: big enough to amortise Ray overhead,
@@ -152,13 +152,10 @@ def _write_sorted(cache: TeacherCache, chunk: int, pieces: list[dict]) -> None:
 def teacher_embeddings(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path,
                        allow_hub: bool = False) -> np.ndarray:
     """Teacher vectors for `table`'s rows in `table`'s order, through the cache (ids must be unique)."""
-    ordered = table.select(["id", "text", "kind"]).sort_by([("kind", "ascending")])
-    lengths = pc.utf8_length(ordered.column("text"))
-    ordered = ordered.append_column("_len", lengths).sort_by([("kind", "ascending"), ("_len", "ascending"),
-                                                              ("id", "ascending")]).drop(["_len"])
-    cached = build_cache(ordered, teacher, cache_root, allow_hub).read_table()
+    rows = table.select(["id", "text", "kind"])
+    ordered = rows.append_column("_len", pc.utf8_length(rows.column("text"))).sort_by(
+        [("kind", "ascending"), ("_len", "ascending"), ("id", "ascending")]).drop(["_len"])
+    cached = build_cache(ordered, teacher, cache_root, allow_hub).read_table(["id", "embedding"])
     position = {row_id: i for i, row_id in enumerate(cached.column("id").to_pylist())}
     index = np.fromiter((position[i] for i in table.column("id").to_pylist()), dtype=np.int64, count=len(table))
-    column = cached.column("embedding").combine_chunks()
-    vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(column), -1)
-    return vectors[index].astype(np.float32)
+    return embedding_matrix(cached.column("embedding"))[index]
