@@ -29,10 +29,12 @@ from leaf_ray.config import DataConfig, DataSource, RunConfig, StorageConfig, St
 from leaf_ray.data import build_mix, split_validation
 from leaf_ray.models import MINILM_ID
 from leaf_ray.student import TeacherRows, build_student, freeze_unused_parameters
-from leaf_ray.train import make_optimizer, make_scheduler, shuffle_rows, train_step, train_student, worker_threads
+from leaf_ray.train import (length_grouped_batches, make_optimizer, make_scheduler, shuffle_rows, train_step,
+                            train_student, worker_threads)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOG_EVERY = 5
+GROUP = TrainConfig().length_group_batches  # the plain loop cuts batches the way Ray workers do
 
 
 def run_config(args, name: str, workers: int, work: Path) -> RunConfig:
@@ -49,6 +51,13 @@ def run_config(args, name: str, workers: int, work: Path) -> RunConfig:
     )
 
 
+def table_pools(table, rows: int):
+    """The table as consecutive numpy column dicts of `rows` rows, like Ray Data's iter_batches."""
+    for start in range(0, len(table), rows):
+        part = table.slice(start, rows)
+        yield {name: part.column(name).to_numpy(zero_copy_only=False) for name in ("text", "kind", "embedding")}
+
+
 def steady_rate(records: list[dict], rows_per_step: int) -> float:
     first, last = records[0], records[-1]
     return (last["step"] - first["step"]) * rows_per_step / (last["time"] - first["time"])
@@ -63,11 +72,12 @@ def plain_loop(cfg: RunConfig, train, teacher_dim: int) -> dict:
     freeze_unused_parameters(model)
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, cfg.train.max_steps)
-    rows = TeacherRows.of(shuffle_rows(train, cfg.train.seed))
     size, records = cfg.train.batch_size, []
+    batches = list(length_grouped_batches(table_pools(shuffle_rows(train, cfg.train.seed), size * GROUP), size,
+                                          cfg.train.seed))
     for step in range(1, cfg.train.max_steps + 1):
-        start = (step - 1) % (len(rows) // size) * size
-        train_step(model, model, rows.slice(start, start + size), optimizer, scheduler, cfg.train, torch.device("cpu"))
+        batch = TeacherRows.of(batches[(step - 1) % len(batches)])
+        train_step(model, model, batch, optimizer, scheduler, cfg.train, torch.device("cpu"))
         if step % LOG_EVERY == 0:
             records.append({"step": step, "time": time.time()})
     return {"steady_samples_per_s": steady_rate(records, size), "wall_s": time.time() - started}
@@ -119,7 +129,8 @@ def main() -> None:
         "setup": {"rounds": args.rounds, "teacher": MINILM_ID,
                   "student": "teacher_layers [0, 2, 4] (3 of 6 MiniLM layers)",
                   "train_rows": len(train), "steps": args.steps, "batch_size_per_process": args.batch_size,
-                  "torch_threads_per_process": args.threads, "max_length": args.max_length},
+                  "torch_threads_per_process": args.threads, "max_length": args.max_length,
+                  "length_group_batches": GROUP},
         "results": results,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "ray": ray.__version__, "loadavg_before": load_before, "loadavg_after": os.getloadavg()},

@@ -29,7 +29,7 @@ def serving_throughput(cfg, student_path) -> dict:
         return {}
     sample = load_beir(cfg.data.resolve_path(cfg.evaluate.datasets[0]), cfg.evaluate.split, max_corpus=n,
                        max_queries=n)
-    encoders = {"teacher": load_sentence_transformer(cfg.teacher.model, cfg.storage.cache_path(),
+    encoders = {"teacher": load_sentence_transformer(cfg.teacher.model, cfg.storage.local_cache_path(),
                                                      max_length=cfg.teacher.max_length, allow_hub=cfg.allow_hub),
                 "student": load_sentence_transformer(str(student_path))}
     return measure_encoders(encoders, sample.query_texts, sample.corpus_texts[:n],
@@ -50,23 +50,25 @@ def main(argv=None) -> dict:
     with run.stage("train"):
         trained = train_student(cfg, inputs.train, inputs.val, inputs.teacher_dim, train_rows=inputs.train_rows)
     with run.stage("evaluate"):
-        sources = build_sources(str(trained.student_path), cfg.teacher, cfg.storage.cache_path(),
-                                cfg.evaluate.batch_size, cfg.allow_hub)
+        sources = build_sources(str(trained.student_path), cfg.teacher, cfg.storage.local_cache_path(),
+                                cfg.evaluate.batch_size, cfg.allow_hub, teacher_cache=cfg.storage.cache_location())
         evaluation = run_evaluation(cfg.evaluate, sources, cfg.data)
     with run.stage("throughput"):
         speed = serving_throughput(cfg, trained.student_path)
 
     manifest = read_manifest(trained.student_path)
-    summary = {"run": cfg.name, "student": str(trained.student_path), "params": manifest.get("param_counts"),
+    student = run.location / "student"
+    summary = {"run": cfg.name, "student": str(student), "params": manifest.get("param_counts"),
                "text_mix": mix.as_dict(), "train": trained.metrics, "throughput": speed,
                "stage_seconds": run.stage_seconds, "headline": headline(evaluation.records)}
     update_manifest(trained.student_path, results=summary)
-    paths = write_report(run.path, evaluation.records, f"LEAF run {cfg.name}: {cfg.teacher.model} -> leaf",
+    run.publish("student/leaf_manifest.json")
+    paths = write_report(run.location, evaluation.records, f"LEAF run {cfg.name}: {cfg.teacher.model} -> leaf",
                          summary, evaluation.notes(), plot_metrics=("ndcg_at_10", "cosine_spearman"))
     run.mark_finished(summary)
 
     print(f"\n[leaf] run {cfg.name} finished; stages (s): {run.stage_seconds}")
-    print(f"[leaf] student:  {trained.student_path}")
+    print(f"[leaf] student:  {student}")
     print(f"[leaf] report:   {paths['markdown']}\n[leaf] results:  {paths['json']}")
     for line in summary["headline"]:
         print(f"[leaf] {line}")

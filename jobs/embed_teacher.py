@@ -17,7 +17,8 @@ def main(argv=None) -> None:
     texts, report = build_mix(cfg.data)
     print(f"text mix: {len(texts)} rows {report.as_dict()}")
     init_ray(cfg.ray)
-    cache = build_cache(texts, cfg.teacher, cfg.storage.cache_path(), allow_hub=cfg.allow_hub)
+    cache = build_cache(texts, cfg.teacher, cfg.storage.cache_location(), allow_hub=cfg.allow_hub,
+                        model_root=cfg.storage.local_cache_path())
     print(f"teacher cache: {cache.path}  ({cache.manifest['rows']} rows, dim {cache.dim}, "
           f"last run {cache.manifest.get('last_run')})")
 

@@ -16,16 +16,18 @@ from leaf_ray.config import DEFAULT_CONFIG, load_config
 from leaf_ray.evaluate import build_sources, resolve_teacher, run_evaluation
 from leaf_ray.report import write_report
 from leaf_ray.runtime import init_ray
+from leaf_ray.storage import resolve
 
 
-def main(argv=None) -> dict[str, Path]:
+def main(argv=None) -> dict[str, Path | str]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", required=True, help="student directory (with leaf_manifest.json) or model id")
     parser.add_argument("--teacher", help="teacher model id or path (default: the one the student manifest names)")
     parser.add_argument("--datasets", nargs="+", help="BEIR folders, under the data root or absolute "
                                                       "(default: evaluate.datasets)")
-    parser.add_argument("--out", help="output folder (default: <storage.runs_root>/<name>/evaluate)")
+    parser.add_argument("--out", help="output folder, a local path or an s3:// / gs:// URI "
+                                      "(default: <storage.runs_root>/<name>/evaluate)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML run config")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluate.dims=[256,128]")
     args = parser.parse_args(argv)
@@ -35,12 +37,14 @@ def main(argv=None) -> dict[str, Path]:
 
     teacher = resolve_teacher(Path(args.student), args.teacher, cfg.teacher)
     init_ray(cfg.ray)
-    sources = build_sources(args.student, teacher, cfg.storage.cache_path(), cfg.evaluate.batch_size, cfg.allow_hub)
+    sources = build_sources(args.student, teacher, cfg.storage.local_cache_path(), cfg.evaluate.batch_size,
+                            cfg.allow_hub, teacher_cache=cfg.storage.cache_location())
     result = run_evaluation(cfg.evaluate, sources, cfg.data)
 
     meta = {"student": args.student, "teacher": teacher.model, "teacher_query_prompt": teacher.query_prompt,
             "teacher_document_prompt": teacher.document_prompt, "data": result.datasets, "timings_s": result.timings}
-    out = Path(args.out) if args.out else cfg.storage.runs_path() / cfg.name / "evaluate"
+    out = (resolve(args.out, "--out", cfg.storage.endpoint_override) if args.out
+           else cfg.storage.runs_location() / cfg.name / "evaluate")
     paths = write_report(out, result.records, f"LEAF evaluation: {args.student} vs teacher {teacher.model}", meta,
                          result.notes(), plot_metrics=("ndcg_at_10", "cosine_spearman"))
     for note in result.notes():

@@ -8,6 +8,7 @@ import logging
 
 from leaf_ray.config import parse_args
 from leaf_ray.data import build_mix
+from leaf_ray.runs import RunFolder
 from leaf_ray.runtime import init_ray
 from leaf_ray.train import train_student, training_inputs
 
@@ -20,7 +21,7 @@ def main(argv=None):
     init_ray(cfg.ray)
     inputs = training_inputs(cfg, texts)
     result = train_student(cfg, inputs.train, inputs.val, inputs.teacher_dim, train_rows=inputs.train_rows)
-    print(f"student: {result.student_path}\n  steps {result.steps}, {result.samples_per_s:.1f} samples/s, "
+    print(f"student: {RunFolder(cfg).location / 'student'}\n  steps {result.steps}, {result.samples_per_s:.1f} samples/s, "
           f"val cosine {result.metrics.get('val_cosine', float('nan')):.4f}\n  progress log: {result.history_path}")
     return result
 

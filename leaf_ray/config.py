@@ -229,8 +229,26 @@ class TrainConfig(_Section):
     torch_threads: int | None = Field(default=None, gt=0)
     max_failures: int = Field(default=0, ge=-1)
     log_every_steps: int = Field(default=10, gt=0)  # progress line and ray.train.report cadence
+    # Validate (and report val_loss / val_cosine to Ray Train) every this many steps besides each epoch's end:
+    # what early-stopping sweeps (Ray Tune's ASHA) act on. None: only at epoch ends.
+    validate_every_steps: int | None = Field(default=None, gt=0)
     keep_checkpoints: int | None = Field(default=2, gt=0)  # newest checkpoints kept per run; None keeps all
     shuffle_buffer_rows: int = Field(default=1024, ge=0)  # per-worker local shuffle, reseeded each epoch; 0: off
+    # Batches cut from one length-sorted pool of shuffled rows (less padding: see train.length_grouped_batches);
+    # 0 or 1: plain batches in shuffle order.
+    length_group_batches: int = Field(default=16, ge=0)
+    # Placement on heterogeneous clusters, as for the teacher: the GPU model the workers need (Ray's
+    # accelerator_type: "A100", "H100", ...) and custom resources per worker ({"train_pool": 1}). Unset: any node.
+    accelerator_type: str | None = None
+    resources_per_worker: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _extra_resources_only(self) -> TrainConfig:
+        clash = sorted({"CPU", "GPU"} & set(self.resources_per_worker))
+        if clash:
+            raise ValueError(f"train.resources_per_worker: {clash} are set by train.cpus_per_worker / "
+                             "train.gpus_per_worker; list only custom resources here")
+        return self
 
 
 class EvalConfig(_Section):
@@ -251,6 +269,53 @@ class EvalConfig(_Section):
     sts_kind: Kind = "document"
 
 
+class AshaConfig(_Section):
+    """Early stopping of sweep trials (Ray Tune's ASHA) on the training validation cosine, reported every
+    `train.validate_every_steps`: a trial below the rung's top 1/reduction_factor stops there."""
+
+    enabled: bool = True
+    grace_period_steps: int = Field(default=50, gt=0)  # no trial is stopped before this many steps
+    reduction_factor: float = Field(default=2.0, gt=1)
+
+
+SWEEPABLE = ("student.", "train.")  # what a trial may change: the teacher, data and evaluation stay shared
+
+
+class SweepConfig(_Section):
+    """A Ray Tune sweep (jobs/sweep.py): every student in `students` is trained with every combination of
+    `grid`, all against one teacher cache; evaluation dims and quantizations are varied within each trial's
+    evaluation (no retraining). Model selection uses `validation_split`; `evaluate.split` is only for the final
+    report of the Pareto-optimal students."""
+
+    # label -> dotted student.* / train.* overrides, e.g. {"tl-0-5": {"student.layers": [0, 5]}}; empty: the
+    # configured student alone, labelled "base".
+    students: dict[str, dict[str, Any]] = {}
+    grid: dict[str, list[Any]] = {}  # dotted student.* / train.* key -> values, crossed with every student
+    validation_split: str = "train"  # of evaluate.datasets (SciFact's train queries and qrels)
+    validation_max_queries: int | None = Field(default=200, gt=0)
+    validation_max_corpus: int | None = Field(default=1000, gt=0)  # judged documents are always kept
+    quality_mode: Literal["student", "asymmetric"] = "student"  # the Pareto front's quality axis
+    speed_metric: Literal["docs_per_s", "queries_per_s"] = "docs_per_s"  # the Pareto front's speed axis
+    # Logical CPUs of a Tune trial (the Ray Train driver, which also evaluates its student); training workers
+    # ask train.cpus_per_worker / gpus_per_worker on top. Fractional on small machines: see DESIGN.md.
+    cpus_per_trial: float = Field(default=0.25, gt=0)
+    max_concurrent_trials: int | None = Field(default=None, gt=0)  # None: as many as the cluster's resources fit
+    asha: AshaConfig = AshaConfig()
+
+    @model_validator(mode="after")
+    def _sweepable_keys(self) -> SweepConfig:
+        keys = [(f"sweep.students.{label}.{key}", key) for label, values in self.students.items() for key in values]
+        keys += [(f"sweep.grid.{key}", key) for key in self.grid]
+        bad = [where for where, key in keys if not key.startswith(SWEEPABLE)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: a sweep may only vary {' / '.join(p + '*' for p in SWEEPABLE)} "
+                             "(one teacher cache and one evaluation are shared by all trials)")
+        empty = [f"sweep.grid.{key}" for key, values in self.grid.items() if not values]
+        if empty:
+            raise ValueError(f"{', '.join(empty)}: give at least one value")
+        return self
+
+
 class RayConfig(_Section):
     address: str | None = None  # None: connect to $RAY_ADDRESS if set, else start a local instance
     num_cpus: int | None = None  # local instance only
@@ -258,19 +323,67 @@ class RayConfig(_Section):
 
 
 class StorageConfig(_Section):
-    cache_root: str = ".leaf_cache"  # teacher caches and reassembled bundled models
-    runs_root: str = "runs"  # one folder per run name
+    """Roots are local paths (relative to the working directory), file:///abs/path, s3://bucket/prefix or
+    gs://bucket/prefix (leaf_ray.storage); object-store credentials come from the environment."""
+
+    cache_root: str = ".leaf_cache"  # teacher caches (and, when local, reassembled bundled models)
+    runs_root: str = "runs"  # one folder per run name: checkpoints, student, results
+    # Local disk for what cannot live in a bucket: reassembled bundled models and local copies of remote
+    # runs (the exported student). None: cache_root when it is local, else ~/.cache/leaf-ray.
+    local_cache: str | None = None
+    # An S3-compatible server for s3:// roots (MinIO, Ceph, moto): http(s)://host:port. None: AWS itself.
+    endpoint_override: str | None = None
+
+    @model_validator(mode="after")
+    def _usable_roots(self) -> StorageConfig:
+        # Syntax only (no network): a bad scheme fails at load time, an unreachable bucket at
+        # RunFolder.check_writable. One section-level check, so a URI with credentials is never echoed.
+        from leaf_ray.storage import check_endpoint, local_root
+
+        local_root(self.cache_root, "storage.cache_root")
+        local_root(self.runs_root, "storage.runs_root")
+        if self.local_cache is not None and local_root(self.local_cache, "storage.local_cache") is None:
+            raise ValueError("storage.local_cache must be a local directory (it holds model weights)")
+        if self.endpoint_override is not None:
+            check_endpoint(self.endpoint_override, "storage.endpoint_override")
+        return self
+
+    def cache_location(self):
+        """The teacher-cache root as a leaf_ray.storage.StoragePath (local or object store)."""
+        from leaf_ray.storage import resolve
+
+        return resolve(self.cache_root, "storage.cache_root", self.endpoint_override)
+
+    def runs_location(self):
+        """The runs root as a leaf_ray.storage.StoragePath (local or object store)."""
+        from leaf_ray.storage import resolve
+
+        return resolve(self.runs_root, "storage.runs_root", self.endpoint_override)
+
+    def local_cache_path(self) -> Path:
+        """The local directory for model weights and local copies of remote runs."""
+        from leaf_ray.storage import DEFAULT_LOCAL_CACHE, local_root
+
+        if self.local_cache is not None:
+            return local_root(self.local_cache, "storage.local_cache")
+        return local_root(self.cache_root, "storage.cache_root") or DEFAULT_LOCAL_CACHE.expanduser()
 
     def cache_path(self) -> Path:
-        return _anchor(self.cache_root)
+        """cache_root as a local directory; refused for an object store (use cache_location())."""
+        return _local_only(self.cache_root, "storage.cache_root")
 
     def runs_path(self) -> Path:
-        return _anchor(self.runs_root)
+        """runs_root as a local directory; refused for an object store (use runs_location())."""
+        return _local_only(self.runs_root, "storage.runs_root")
 
 
-def _anchor(path: str) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else (Path.cwd() / p).resolve()
+def _local_only(root: str, field: str) -> Path:
+    from leaf_ray.storage import local_root
+
+    path = local_root(root, field)
+    if path is None:
+        raise ConfigError(f"{field}: {root!r} is an object store; this step needs a local directory")
+    return path
 
 
 class RunConfig(_Section):
@@ -283,6 +396,7 @@ class RunConfig(_Section):
     evaluate: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
+    sweep: SweepConfig = SweepConfig()
 
 
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -355,6 +469,18 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
         _set_dotted(tree, key.strip(), value)
     return tree
+
+
+def with_values(cfg: RunConfig, values: dict[str, Any], source: str = "overrides") -> RunConfig:
+    """`cfg` with dotted keys set to Python values (`{"train.lr": 3e-4}`), validated like a loaded config;
+    errors name the key and `source`."""
+    tree = cfg.model_dump()
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

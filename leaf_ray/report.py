@@ -7,10 +7,13 @@ bytes_per_vector, metric, value` (what leaf_ray.evaluate produces), so any job t
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+
+from leaf_ray.storage import StoragePath, resolve
 
 # Row identity of a record, in table order; everything else but metric/value is also row identity.
 ROW_KEYS = ("dataset", "split", "task", "mode", "dims", "quantization", "bytes_per_vector")
@@ -105,13 +108,15 @@ def headline(records: list[dict]) -> list[str]:
     return lines
 
 
-def plot_metric_vs_dims(records: list[dict], metric: str, out_dir: Path) -> list[Path]:
-    """Per (dataset, split): one panel per mode, `metric` against dims, one line per quantization."""
+def plot_metric_vs_dims(records: list[dict], metric: str, out_dir: Path | StoragePath) -> list[StoragePath]:
+    """Per (dataset, split): one panel per mode, `metric` against dims, one line per quantization, saved as
+    PNGs under `out_dir` (a local directory or an object-store location)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out_dir = resolve(out_dir, "report folder")
     chosen = [r for r in records if r["metric"] == metric]
     paths = []
     for dataset, split in dict.fromkeys((r["dataset"], r["split"]) for r in chosen):
@@ -134,23 +139,76 @@ def plot_metric_vs_dims(records: list[dict], metric: str, out_dir: Path) -> list
         axes[0][-1].legend(title="quantization")
         fig.suptitle(f"{dataset} ({split})")
         fig.tight_layout()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{dataset}_{split}_{metric}.png"
-        fig.savefig(path, dpi=110)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
         plt.close(fig)
+        path = out_dir / f"{dataset}_{split}_{metric}.png"
+        path.write_bytes(png.getvalue())
         paths.append(path)
     return paths
 
 
-def write_report(out_dir: Path, records: list[dict], title: str, meta: dict | None = None,
-                 notes: Sequence[str] = (), plot_metrics: Sequence[str] = ("ndcg_at_10",)) -> dict[str, Path]:
-    """results.json (meta, notes, records), results.md and plots/*.png under `out_dir`; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_report(out_dir: Path | str | StoragePath, records: list[dict], title: str, meta: dict | None = None,
+                 notes: Sequence[str] = (), plot_metrics: Sequence[str] = ("ndcg_at_10",)) -> dict[str, Path | str]:
+    """results.json (meta, notes, records), results.md and plots/*.png under `out_dir` (a local directory or
+    an object-store location); returns their paths (Paths when local, else URIs)."""
+    out_dir = resolve(out_dir, "report folder")
     plots = [p for m in plot_metrics for p in plot_metric_vs_dims(records, m, out_dir / "plots")]
     json_path = out_dir / "results.json"
     json_path.write_text(json.dumps({"title": title, "meta": meta or {}, "notes": list(notes), "records": records},
                                     indent=1, default=str))
     md_path = out_dir / "results.md"
-    md_path.write_text(render_markdown(records, title, meta, notes, [p.relative_to(out_dir) for p in plots]))
-    return {"json": json_path, "markdown": md_path, **{p.stem: p for p in plots}}
+    md_path.write_text(render_markdown(records, title, meta, notes, [Path("plots") / p.name for p in plots]))
+    return {"json": json_path.native(), "markdown": md_path.native(),
+            **{Path(p.name).stem: p.native() for p in plots}}
+
+
+def rows_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A plain markdown table (floats to 4 decimals, None as an empty cell), for tables that are not metric
+    records (a sweep's trials, a Pareto front)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(points: Sequence[dict], front: Sequence[int], path: Path | str | StoragePath, quality_label: str,
+                speed_label: str, title: str) -> StoragePath:
+    """Two panels of sweep points (dicts with quality, speed, bytes_per_vector, label): quality against speed,
+    one colour per bytes-per-vector level, and quality against bytes per vector. Points of the Pareto front
+    (indices into `points`) are ringed and named. Saved as a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted({p["bytes_per_vector"] for p in points}, reverse=True)
+    colours = {b: plt.get_cmap("viridis")(i / max(len(levels) - 1, 1)) for i, b in enumerate(levels)}
+    on_front = set(front)
+    fig, (by_speed, by_bytes) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for i, p in enumerate(points):
+        style = {"s": 90, "edgecolors": "black", "linewidths": 1.5} if i in on_front else {"s": 28, "alpha": 0.6}
+        by_speed.scatter(p["speed"], p["quality"], color=colours[p["bytes_per_vector"]], **style)
+        by_bytes.scatter(p["bytes_per_vector"], p["quality"], color=colours[p["bytes_per_vector"]], **style)
+        if i in on_front:
+            for ax, x in ((by_speed, p["speed"]), (by_bytes, p["bytes_per_vector"])):
+                ax.annotate(p["label"], (x, p["quality"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    for level in levels:
+        by_speed.scatter([], [], color=colours[level], label=f"{level} B")
+    by_speed.legend(title="bytes/vector", fontsize=7)
+    by_speed.set_xlabel(speed_label)
+    by_speed.set_ylabel(quality_label)
+    by_bytes.set_xscale("log", base=2)
+    by_bytes.set_xticks(levels, [str(b) for b in levels])
+    by_bytes.minorticks_off()
+    by_bytes.set_xlabel("bytes per vector")
+    for ax in (by_speed, by_bytes):
+        ax.grid(alpha=0.3)
+        ax.margins(0.12)  # room for the labels
+    fig.suptitle(title)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    path = resolve(path, "report file")
+    path.write_bytes(png.getvalue())
+    return path

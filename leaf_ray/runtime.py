@@ -27,5 +27,16 @@ def init_ray(cfg: RayConfig) -> str:
         log.info("joined Ray cluster at %s", address)
         return address
     # Workers of a local instance inherit this process's environment (HF_HUB_OFFLINE, LEAF_DATA_DIR).
-    ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
+    # The dashboard process serves the State API, which Ray Train's placement-group cleaner polls every
+    # second (without it, the log fills with "Failed to query Ray Train Controller actor state").
+    # The cleaner finds that API by auto-detection, which fails ("Found multiple active Ray instances") when
+    # other Ray instances run on the machine; its thread then dies, and a Train run whose driver is killed
+    # (a trial Ray Tune's ASHA stops) keeps its workers' placement group. So the dashboard gets a known
+    # port, and the instance's processes (started with this environment) are told where it is.
+    from leaf_ray.teacher.vllm_server import free_port
+
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=port)
     return "local"

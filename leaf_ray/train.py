@@ -18,7 +18,10 @@ mode the skipped rows are embedded by the teacher again). Dropout randomness res
 `train.max_steps` on resume recomputes the rest of the LR schedule over the new total.
 
 On a multi-node cluster `storage.runs_root` must be shared storage (as Ray Train needs for checkpoints):
-workers read `init_student/` from it.
+workers read `init_student/` from it and rank 0 writes `metrics.jsonl` there. It may be an object store
+(s3://, gs://: leaf_ray.storage): Ray Train then keeps its checkpoints in the bucket, the students are
+exported to the run's local working copy (leaf_ray.runs.RunFolder) and uploaded, and workers download
+`init_student/` to a temporary directory.
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ import torch.nn.functional as F
 
 from leaf_ray.config import RunConfig, TrainConfig
 from leaf_ray.data import split_validation, to_dataset
+from leaf_ray.runs import RunFolder
+from leaf_ray.storage import StoragePath, local_copy
 from leaf_ray.student import (MANIFEST_NAME, TeacherRows, build_student, export_student, forward_texts,
-                              freeze_unused_parameters, load_flags, load_student, read_manifest, student_manifest,
+                              freeze_unused_parameters, load_flags, load_student, student_manifest,
                               teacher_parameter_count)
 
 ROWS_PER_BLOCK = 1024  # Ray Data block size for an in-memory training table
@@ -223,7 +228,7 @@ class _Worker:
         torch.set_num_threads(worker_threads(self.cfg))
         torch.manual_seed(self.cfg.seed + self.rank)
         self.device = ray.train.torch.get_device()
-        self.history = Path(config["history"]) if self.rank == 0 else None
+        self.history = config["history"] if self.rank == 0 else None
         self.val = ray.get(config["val"])
 
         checkpoint = ray.train.get_checkpoint()
@@ -231,7 +236,9 @@ class _Worker:
             with checkpoint.as_directory() as directory:
                 self.model, opt_state, sched_state, self.state = _restore(Path(directory), self.device, trust)
         else:
-            self.model, opt_state, sched_state = load_student(config["init_dir"], trust_remote_code=trust), None, None
+            with local_copy(config["init_dir"]) as directory:
+                self.model = load_student(directory, trust_remote_code=trust)
+            opt_state, sched_state = None, None
             self.state = TrainState()
         self.start = {"event": "start", "step": self.state.step, "epoch": self.state.epoch,
                       "resumed": checkpoint is not None, "weights_digest": state_digest(self.model),
@@ -271,11 +278,13 @@ class _Worker:
 
     def batches(self, shard):
         """This rank's batches of the current epoch (with their ids), skipping those a resumed run trained."""
-        cfg, shuffle = self.cfg, self.cfg.shuffle_buffer_rows
+        cfg, shuffle, group = self.cfg, self.cfg.shuffle_buffer_rows, self.cfg.length_group_batches
+        seed = cfg.seed * 100_003 + self.state.epoch * 1_009 + self.rank
         batches = shard.iter_batches(
-            batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=shuffle or None,
-            local_shuffle_seed=cfg.seed * 100_003 + self.state.epoch * 1_009 + self.rank if shuffle else None)
+            batch_size=cfg.batch_size * max(group, 1), batch_format="numpy", drop_last=group <= 1,
+            local_shuffle_buffer_size=shuffle or None, local_shuffle_seed=seed if shuffle else None)
+        if group > 1:
+            batches = length_grouped_batches(batches, cfg.batch_size, seed)
         for index, batch in enumerate(batches):
             if index >= self.state.batch_in_epoch:
                 yield TeacherRows.of(batch), [str(i) for i in batch["id"]]
@@ -299,6 +308,8 @@ class _Worker:
                              "samples_per_s": self.samples_per_s()})
             if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
                 self.report({"event": "checkpoint"}, checkpoint=True)
+            if cfg.validate_every_steps and state.step % cfg.validate_every_steps == 0:
+                self.report({"event": "validate", **self.validate()})
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         self.report({"event": "epoch", **self.validate()}, checkpoint=True)
         return True
@@ -331,13 +342,13 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def _log(history: Path | None, record: dict) -> None:
-    """Rank 0 appends the record to metrics.jsonl and prints a progress line."""
+def _log(history: StoragePath | None, record: dict) -> None:
+    """Rank 0 appends the record to metrics.jsonl (on an object store: rewrites the small object) and
+    prints a progress line."""
     if history is None:
         return
     record = {"time": round(time.time(), 3), **record}
-    with history.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    history.append_text(json.dumps(record) + "\n")
     shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                      if k not in ("time", "weights_digest"))
     print(f"[leaf train] {shown}", flush=True)
@@ -347,10 +358,10 @@ def _log(history: Path | None, record: dict) -> None:
 
 @dataclass
 class TrainResult:
-    run_dir: Path
-    student_path: Path  # the exported final student
-    checkpoint_path: str | None  # the latest Ray Train checkpoint
-    history_path: Path  # metrics.jsonl
+    run_dir: Path  # the run's local working copy (the run folder itself when storage.runs_root is local)
+    student_path: Path  # the exported final student (in run_dir; also uploaded when runs_root is remote)
+    checkpoint_path: str | None  # the latest Ray Train checkpoint (a URI when runs_root is an object store)
+    history_path: Path  # metrics.jsonl (a local copy when runs_root is remote)
     steps: int
     samples_per_s: float  # this call's training throughput, all workers
     metrics: dict = field(default_factory=dict)  # final validation metrics and counters
@@ -362,12 +373,35 @@ class TrainResult:
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
-    return cfg.storage.runs_path() / cfg.name
+    """The run's local working directory: the run folder itself unless storage.runs_root is remote."""
+    return RunFolder(cfg).path
 
 
 def shuffle_rows(table: pa.Table, seed: int) -> pa.Table:
     """A seeded row permutation: the text mix is sorted by kind and length, training wants it mixed."""
     return table.take(np.random.default_rng(seed).permutation(len(table)))
+
+
+def length_grouped_batches(pools, batch_size: int, seed: int):
+    """Re-cut pools of shuffled rows (numpy column dicts) into batches of similar text length, in a seeded
+    random order.
+
+    A batch is padded to its longest text: on a query/document mix almost every random batch of 32 holds a
+    document at max_length next to queries of ten tokens, so most of a step's compute is padding. Sorting
+    each pool by length before cutting keeps batch content random but batch length tight (Hugging Face's
+    `group_by_length` idea). Rows left over at a pool's end join the next pool; the final remainder is
+    dropped like `drop_last`, so each DDP rank gets floor(rows / batch_size) batches, as before.
+    """
+    rng, carry = np.random.default_rng(seed), None
+    for pool in pools:
+        if carry is not None:
+            pool = {name: np.concatenate([carry[name], column]) for name, column in pool.items()}
+        order = np.argsort(np.fromiter((len(t) for t in pool["text"]), dtype=np.int64, count=len(pool["text"])),
+                           kind="stable")
+        full = len(order) // batch_size * batch_size
+        for start in rng.permutation(np.arange(0, full, batch_size)):
+            yield {name: column[order[start:start + batch_size]] for name, column in pool.items()}
+        carry = {name: column[order[full:]] for name, column in pool.items()}
 
 
 def total_steps(cfg: TrainConfig, train_rows: int) -> int:
@@ -387,53 +421,59 @@ def projection_sample(train, size: int, seed: int) -> TeacherRows:
     return TeacherRows.of(train.take_batch(size, batch_format="numpy"))
 
 
-def prepare_initial_student(cfg: RunConfig, teacher_dim: int, train) -> Path:
+def prepare_initial_student(cfg: RunConfig, teacher_dim: int, train) -> StoragePath:
     """Build the untrained student once per run into `<run>/init_student` (reused on resume; refused if
-    the run was started with another student or teacher)."""
-    path = run_dir_for(cfg) / "init_student"
+    the run was started with another student or teacher); returns where it is stored."""
+    run = RunFolder(cfg)
+    path = run.location / "init_student"
     if (path / MANIFEST_NAME).is_file():
-        manifest = read_manifest(path)
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
         stored = (manifest["student"], manifest["teacher"]["model"], manifest["teacher"]["dim"])
         if stored != (cfg.student.model_dump(), cfg.teacher.model, teacher_dim):
-            raise TrainError(f"run {cfg.name!r} at {path.parent} was started with another student/teacher "
+            raise TrainError(f"run {cfg.name!r} at {run.location} was started with another student/teacher "
                              f"(student {stored[0]}, teacher {stored[1]}, dim {stored[2]}); pick a new `name` "
                              "or delete that folder")
         return path
     sample = (projection_sample(train, cfg.student.projection_init_samples, cfg.train.seed)
               if cfg.student.projection_init == "lstsq" else None)
-    cache_root = cfg.storage.cache_path()
-    model = build_student(cfg.student, cfg.teacher, teacher_dim, sample=sample, cache_root=cache_root,
+    models = cfg.storage.local_cache_path()
+    model = build_student(cfg.student, cfg.teacher, teacher_dim, sample=sample, cache_root=models,
                           allow_hub=cfg.allow_hub, seed=cfg.train.seed)
-    params = teacher_parameter_count(cfg.teacher, cache_root, cfg.allow_hub)
-    return export_student(model, path, {**student_manifest(cfg.student, cfg.teacher, teacher_dim, params),
-                                        "run": cfg.name})
+    params = teacher_parameter_count(cfg.teacher, models, cfg.allow_hub)
+    export_student(model, run.path / "init_student", {**student_manifest(cfg.student, cfg.teacher, teacher_dim,
+                                                                         params), "run": cfg.name})
+    run.publish("init_student")
+    return path
 
 
-def make_trainer(cfg: RunConfig, train_ds, loop_config: dict):
-    """A TorchTrainer: DDP over gloo (CPU) or NCCL (GPU), one shard of `train_ds` per worker."""
+def make_trainer(cfg: RunConfig, train_ds, loop_config: dict, callbacks=()):
+    """A TorchTrainer: DDP over gloo (CPU) or NCCL (GPU), one shard of `train_ds` per worker. `callbacks`: Ray
+    Train UserCallbacks (a sweep passes Tune's TuneReportCallback)."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     tc = cfg.train
     use_gpu = tc.gpus_per_worker > 0
-    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if use_gpu else {})}
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if use_gpu else {}),
+                 **tc.resources_per_worker}
     return TorchTrainer(
         _worker_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources, accelerator_type=tc.accelerator_type),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=str(cfg.storage.runs_path()),
+            name=cfg.name, **cfg.storage.runs_location().ray_storage(),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            callbacks=list(callbacks)),
         datasets={"train": train_ds},
     )
 
 
 def train_student(cfg: RunConfig, train, val, teacher_dim: int, *, train_rows: int | None = None,
-                  trace_ids: bool = False) -> TrainResult:
+                  trace_ids: bool = False, callbacks=()) -> TrainResult:
     """Train (or resume) the run `cfg.name` and export its final student.
 
     train: a pyarrow table of cached rows (id, text, kind, embedding), shuffled here with `train.seed`, or a
@@ -441,27 +481,32 @@ def train_student(cfg: RunConfig, train, val, teacher_dim: int, *, train_rows: i
     val: held-out rows with teacher vectors (table or TeacherRows), evaluated at start, every epoch and end.
     train_rows: rows in `train` when it is a Dataset (else counted, which runs a lazy dataset once).
     trace_ids: return the ids each worker trained on (audits, tests).
+    callbacks: Ray Train UserCallbacks for the trainer (make_trainer).
     """
     import ray
 
-    run_dir = run_dir_for(cfg)
+    run = RunFolder(cfg)
+    run_dir = run.path
     run_dir.mkdir(parents=True, exist_ok=True)
     init_dir = prepare_initial_student(cfg, teacher_dim, train)
     if isinstance(train, pa.Table):
         train_rows = len(train)
         train = to_dataset(shuffle_rows(train, cfg.train.seed), ROWS_PER_BLOCK)
     steps = total_steps(cfg.train, train_rows if train_rows is not None else train.count())
-    loop_config = {"cfg": cfg.model_dump(), "init_dir": str(init_dir), "total_steps": steps,
-                   "val": ray.put(TeacherRows.of(val)), "history": str(run_dir / "metrics.jsonl"),
+    loop_config = {"cfg": cfg.model_dump(), "init_dir": init_dir, "total_steps": steps,
+                   "val": ray.put(TeacherRows.of(val)), "history": run.location / "metrics.jsonl",
                    "trace_ids": trace_ids}
-    result = make_trainer(cfg, train, loop_config).fit()
+    result = make_trainer(cfg, train, loop_config, callbacks).fit()
     summary = result.return_value
     with result.checkpoint.as_directory() as directory:
-        manifest = read_manifest(init_dir)
+        manifest = json.loads((init_dir / MANIFEST_NAME).read_text())
         manifest.update(run=cfg.name, train=cfg.train.model_dump(), results={"train": summary["final"]})
         final = load_student(directory, trust_remote_code=load_flags(cfg.student, cfg.teacher)[0])
         student_path = export_student(final, run_dir / "student", manifest)
-    return TrainResult(run_dir=run_dir, student_path=student_path, checkpoint_path=result.checkpoint.path,
+    run.publish("student")
+    run.fetch("metrics.jsonl")
+    checkpoint = str(run.location.at(result.checkpoint.path).native())
+    return TrainResult(run_dir=run_dir, student_path=student_path, checkpoint_path=checkpoint,
                        history_path=run_dir / "metrics.jsonl", steps=summary["final"]["step"],
                        samples_per_s=summary["final"]["samples_per_s"], metrics=summary["final"],
                        start=summary["start"], ids_by_rank=summary["ids_by_rank"])
@@ -480,17 +525,19 @@ class TrainingInputs:
 def training_inputs(cfg: RunConfig, texts: pa.Table) -> TrainingInputs:
     """Split the text mix into train/validation (`data.validation_size`) and attach teacher vectors:
     `train.mode: cache` embeds the whole mix into the reusable cache; `stream` caches only the validation
-    rows and streams the training rows through the teacher actors while the workers train."""
+    rows and streams the training rows through the teacher actors while the workers train.
+    An unwritable run folder or cache root fails here, before the teacher stage, not after it."""
     from leaf_ray.teacher import build_cache, embed_dataset
 
-    cache_root = cfg.storage.cache_path()
+    RunFolder(cfg).check_writable()
+    cache_root, models = cfg.storage.cache_location(), cfg.storage.local_cache_path()
     train_texts, val_texts = split_validation(texts, cfg.data.validation_size, cfg.data.seed)
     if cfg.train.mode == "cache":
-        cache = build_cache(texts, cfg.teacher, cache_root, cfg.allow_hub)
+        cache = build_cache(texts, cfg.teacher, cache_root, cfg.allow_hub, models)
         rows = cache.read_table()
         held = pc.is_in(rows.column("id"), value_set=val_texts.column("id"))
         return TrainingInputs(rows.filter(pc.invert(held)), rows.filter(held), cache.dim, len(train_texts))
-    val_cache = build_cache(val_texts, cfg.teacher, cache_root, cfg.allow_hub)
+    val_cache = build_cache(val_texts, cfg.teacher, cache_root, cfg.allow_hub, models)
     stream = embed_dataset(to_dataset(shuffle_rows(train_texts, cfg.train.seed), ROWS_PER_BLOCK), cfg.teacher,
-                           cache_root, cfg.allow_hub)
+                           models, cfg.allow_hub)
     return TrainingInputs(stream, val_cache.read_table(), val_cache.dim, len(train_texts))

@@ -148,6 +148,36 @@ def test_gpu_run_config_loads():
     assert (cfg.train.num_workers, cfg.train.gpus_per_worker) == (2, 1)
     assert cfg.ray.address is None and cfg.ray.num_cpus is None  # joins the cluster it is submitted to
     assert t.accelerator_type == "L4"  # teacher actors stay on the L4 pool of the cluster configs
+    assert cfg.train.accelerator_type == "A100"  # and DDP workers on the A100 pool
+
+
+def _pools(name: str) -> dict[str, tuple[set[str], int]]:
+    """Worker pool -> (accelerator types it advertises to Ray's autoscaler, most GPUs it can bring)."""
+    if name.endswith("rayjob.yaml"):
+        job = next(d for d in yaml.safe_load_all((CLUSTER_DIR / name).read_text()) if d and d.get("kind") == "RayJob")
+        pools = {}
+        for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+            advertised = json.loads(json.loads(g["rayStartParams"].get("resources", '"{}"')))  # a quoted JSON map
+            gpus = sum(int((c["resources"].get("limits") or {}).get("nvidia.com/gpu", 0))
+                       for c in g["template"]["spec"]["containers"])
+            pools[g["groupName"]] = (advertised, gpus * g["maxReplicas"])
+    else:
+        pools = {t: (spec["resources"], spec["resources"].get("GPU", 0) * spec.get("max_workers", 0))
+                 for t, spec in load_yaml(CLUSTER_DIR / name)["available_node_types"].items()}
+    return {pool: ({k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")}, gpus)
+            for pool, (resources, gpus) in pools.items()}
+
+
+@pytest.mark.parametrize("name", [*LAUNCHERS, "kuberay-rayjob.yaml"])
+def test_gpu_run_config_accelerator_types_are_served_by_separate_pools(name):
+    """teacher.accelerator_type and train.accelerator_type of the GPU run config each name a pool the cluster
+    config advertises (so the autoscaler starts the right machines), and the training pool has the GPUs."""
+    cfg = load_config(REPO_ROOT / "configs" / "leaf-ir-gpu.yaml")
+    pools = _pools(name)
+    teacher = {p for p, (types, _) in pools.items() if cfg.teacher.accelerator_type in types}
+    train = {p for p, (types, _) in pools.items() if cfg.train.accelerator_type in types}
+    assert teacher and train and not teacher & train, pools
+    assert sum(pools[p][1] for p in train) >= cfg.train.num_workers * cfg.train.gpus_per_worker
 
 
 def test_teacher_placement_options_reach_map_batches_only_when_set():

@@ -6,13 +6,15 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from leaf_ray.config import RunConfig, StorageConfig, StudentConfig, TrainConfig
 from leaf_ray.data import split_validation
 from leaf_ray.student import load_student, read_manifest
-from leaf_ray.train import TrainError, leaf_loss, lr_factor, state_digest, total_steps, train_student
+from leaf_ray.train import (TrainError, leaf_loss, length_grouped_batches, lr_factor, state_digest, total_steps,
+                            train_student)
 
 from .conftest import tiny_teacher_config
 
@@ -162,3 +164,25 @@ def test_stream_mode_learns_like_cache_mode(cache_runs, tiny_teacher, tiny_cache
     reference = {r["step"]: r["loss"] for r in cache if r["event"] == "log"}
     assert logged.keys() == reference.keys()
     assert all(logged[s] == pytest.approx(reference[s], rel=0.5) for s in logged)
+
+
+def test_length_grouped_batches_keep_every_row_once_and_cut_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, 1000)
+    texts, ids = np.array(["x" * int(n) for n in lengths], dtype=object), np.arange(1000)
+    pools = ({"text": texts[i:i + 128], "id": ids[i:i + 128], "embedding": np.ones((len(ids[i:i + 128]), 3))}
+             for i in range(0, 1000, 128))
+    batches = list(length_grouped_batches(pools, 32, seed=0))
+
+    assert [len(b["id"]) for b in batches] == [32] * (1000 // 32)  # full batches only, like drop_last
+    seen = np.concatenate([b["id"] for b in batches])
+    assert len(set(seen.tolist())) == len(seen) == 992
+    assert all((texts[b["id"]] == b["text"]).all() for b in batches)  # columns stay row-aligned
+
+    def padded(groups):
+        return sum(max(len(t) for t in g) * len(g) for g in groups)
+    assert padded([b["text"] for b in batches]) < 0.8 * padded([texts[i:i + 32] for i in range(0, 992, 32)])
+    again = list(length_grouped_batches(({k: v[i:i + 128] for k, v in
+                                          {"text": texts, "id": ids, "embedding": np.ones((1000, 3))}.items()}
+                                         for i in range(0, 1000, 128)), 32, seed=0))
+    assert all((a["id"] == b["id"]).all() for a, b in zip(batches, again))  # seeded: resumes cut the same batches

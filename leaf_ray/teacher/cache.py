@@ -1,9 +1,11 @@
 """The teacher-vector cache: parquet parts + a manifest under
-`<cache_root>/teacher/<teacher fingerprint>/<data fingerprint>/`.
+`<cache_root>/teacher/<teacher fingerprint>/<data fingerprint>/`, on a local disk or an object store
+(leaf_ray.storage).
 
 Rows are split into fixed chunks (the unit of resume): part-NNNNN.parquet holds chunk NNNNN and is
-written atomically (temp file + rename), so an interrupted run leaves only whole parts behind and a
-rerun computes just the chunks that are missing or damaged.
+written atomically (temp file + rename locally, one whole-object upload on an object store), so an
+interrupted run leaves only whole parts behind and a rerun computes just the chunks that are missing or
+damaged. Reading streams part by part from wherever the cache is.
 """
 
 from __future__ import annotations
@@ -11,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from leaf_ray.config import TeacherConfig
+from leaf_ray.storage import StoragePath, resolve
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -51,29 +52,24 @@ def teacher_fingerprint(cfg: TeacherConfig) -> str:
     return f"{slug}-{digest}"
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class TeacherCache:
-    """One teacher's vectors for one data set; see the module docstring for the layout."""
+    """One teacher's vectors for one data set; see the module docstring for the layout. `location` is
+    where it lives; `path` the same as a Path when local (else its URI)."""
 
-    def __init__(self, path: Path, manifest: dict):
-        self.path = Path(path)
+    def __init__(self, path: Path | str | StoragePath, manifest: dict):
+        self.location = resolve(path, "teacher cache")
         self.manifest = manifest
+
+    @property
+    def path(self) -> Path | str:
+        return self.location.native()
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path, teacher: TeacherConfig, data_fingerprint: str, rows: int, chunk_rows: int) -> TeacherCache:
+    def open(cls, path: Path | str | StoragePath, teacher: TeacherConfig, data_fingerprint: str, rows: int,
+             chunk_rows: int) -> TeacherCache:
         """Open (or start) the cache at `path`, refusing one written for another teacher or data set."""
-        path = Path(path)
+        path = resolve(path, "teacher cache")
         spec = teacher_spec(teacher)
         manifest_file = path / MANIFEST
         if manifest_file.is_file():
@@ -87,7 +83,7 @@ class TeacherCache:
                 if manifest.get(key) != want:
                     raise CacheMismatchError(f"cache {path}: manifest {key}={manifest.get(key)!r}, expected {want!r}")
             return cls(path, manifest)
-        path.mkdir(parents=True, exist_ok=True)
+        path.check_writable("storage.cache_root")  # a read-only root fails here, before any teacher work
         manifest = {"teacher": spec, "data_fingerprint": data_fingerprint, "rows": rows, "chunk_rows": chunk_rows,
                     "chunks": -(-rows // chunk_rows), "dim": None, "normalized": teacher.normalize,
                     "dtype": teacher.cache_dtype, "complete": False, "created": time.time()}
@@ -96,12 +92,13 @@ class TeacherCache:
         return cache
 
     @classmethod
-    def load(cls, path: Path) -> TeacherCache:
+    def load(cls, path: Path | str | StoragePath) -> TeacherCache:
         """Open a finished cache for reading; refuses an incomplete or damaged one."""
-        manifest_file = Path(path) / MANIFEST
+        path = resolve(path, "teacher cache")
+        manifest_file = path / MANIFEST
         if not manifest_file.is_file():
             raise CacheDamagedError(f"no teacher cache at {path} (missing {MANIFEST})")
-        cache = cls(Path(path), json.loads(manifest_file.read_text()))
+        cache = cls(path, json.loads(manifest_file.read_text()))
         if not cache.manifest.get("complete"):
             raise CacheDamagedError(f"teacher cache {path} is incomplete; rerun the teacher stage to finish it")
         damaged = [i for i in range(cache.chunks) if not cache.chunk_ok(i)]
@@ -125,27 +122,34 @@ class TeacherCache:
     def chunk_rows_of(self, index: int) -> int:
         return min(self.manifest["chunk_rows"], self.manifest["rows"] - index * self.manifest["chunk_rows"])
 
-    def part_path(self, index: int) -> Path:
-        return self.path / f"part-{index:05d}.parquet"
+    def part_location(self, index: int) -> StoragePath:
+        return self.location / f"part-{index:05d}.parquet"
+
+    def part_path(self, index: int) -> Path | str:
+        return self.part_location(index).native()
 
     # -- integrity -------------------------------------------------------------------------------
     def chunk_ok(self, index: int) -> bool:
-        """A part counts only if its footer reads and it holds exactly its chunk's rows."""
-        part = self.part_path(index)
+        """A part counts only if its footer reads and it holds exactly its chunk's rows, as vectors of the
+        cache's dimension and dtype (a part of another width would otherwise pass and break, or feed, training)."""
+        part = self.part_location(index)
         if not part.is_file():
             return False
         try:
-            meta = pq.read_metadata(part)
-        except (pa.ArrowInvalid, OSError):
+            meta = pq.read_metadata(part.path, filesystem=part.filesystem)
+            vectors = meta.schema.to_arrow_schema().field("embedding").type
+        except (pa.ArrowInvalid, OSError, KeyError):
             return False
-        return meta.num_rows == self.chunk_rows_of(index)
+        return (meta.num_rows == self.chunk_rows_of(index) and pa.types.is_fixed_size_list(vectors)
+                and vectors.value_type == pa.from_numpy_dtype(np.dtype(self.manifest["dtype"]))
+                and self.dim in (None, vectors.list_size))
 
     def missing_chunks(self, on_damaged: str = "recompute") -> list[int]:
         missing = []
         for index in range(self.chunks):
             if self.chunk_ok(index):
                 continue
-            if self.part_path(index).exists():
+            if self.part_location(index).exists():
                 if on_damaged == "error":
                     raise CacheDamagedError(f"teacher cache part {self.part_path(index)} is damaged or has the "
                                             f"wrong row count (expected {self.chunk_rows_of(index)})")
@@ -156,7 +160,7 @@ class TeacherCache:
     # -- writing -------------------------------------------------------------------------------
     def set_dim(self, dim: int) -> None:
         if self.dim is not None and self.dim != dim:
-            raise CacheMismatchError(f"cache {self.path} holds {self.dim}-d vectors but the teacher now returns "
+            raise CacheMismatchError(f"cache {self.location} holds {self.dim}-d vectors but the teacher now returns "
                                      f"{dim}-d; use a new cache_root or delete the cache")
         if self.dim is None:
             self.manifest["dim"] = dim
@@ -170,23 +174,25 @@ class TeacherCache:
         table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string()),
                           "kind": pa.array(kinds, pa.string()),
                           "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
-        _write_atomic(self.part_path(index), lambda tmp: pq.write_table(table, tmp))
+        buffer = pa.BufferOutputStream()  # serialised whole first: the part is written in one atomic call
+        pq.write_table(table, buffer)
+        self.part_location(index).write_bytes(buffer.getvalue())
 
     def finish(self, stats: dict) -> None:
         self.manifest.update(complete=True, finished=time.time(), last_run=stats)
         self._save_manifest()
 
     def _save_manifest(self) -> None:
-        text = json.dumps(self.manifest, indent=2)
-        _write_atomic(self.path / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+        (self.location / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
 
     # -- reading -------------------------------------------------------------------------------
-    def parts(self) -> list[str]:
-        return [str(self.part_path(i)) for i in range(self.chunks)]
+    def parts(self) -> list[StoragePath]:
+        return [self.part_location(i) for i in range(self.chunks)]
 
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
         """The whole cache (id, text, kind, embedding, or just `columns`) in row order."""
-        return pa.concat_tables([pq.read_table(part, columns=columns) for part in self.parts()])
+        return pa.concat_tables([pq.read_table(part.path, columns=columns, filesystem=part.filesystem)
+                                 for part in self.parts()])
 
     def embeddings(self) -> np.ndarray:
         """All vectors as a (rows, dim) float32 array, in row order."""
@@ -197,7 +203,8 @@ class TeacherCache:
         batches as a (rows, dim) float32 matrix rather than an array of per-row arrays."""
         import ray
 
-        return ray.data.read_parquet(self.parts()).map_batches(_embeddings_as_matrix, batch_format="numpy")
+        return ray.data.read_parquet([part.path for part in self.parts()], filesystem=self.location.filesystem,
+                                     ).map_batches(_embeddings_as_matrix, batch_format="numpy")
 
 
 def _embeddings_as_matrix(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from leaf_ray.config import TeacherConfig
 from leaf_ray.data import fingerprint_table, to_dataset
+from leaf_ray.storage import DEFAULT_LOCAL_CACHE, StoragePath, resolve
 from leaf_ray.teacher.backends import make_backend
 from leaf_ray.teacher.cache import TeacherCache, embedding_matrix, teacher_fingerprint
 
@@ -55,7 +56,8 @@ def _spread(count: int, rows: int) -> np.ndarray:
 
 
 def embed_dataset(ds, teacher: TeacherConfig, cache_root: str | Path, allow_hub: bool = False):
-    """Lazily add an `embedding` column (and `truncated` counts) to a Ray Dataset of text rows."""
+    """Lazily add an `embedding` column (and `truncated` counts) to a Ray Dataset of text rows.
+    `cache_root` is the local directory where actors find (or reassemble) model weights."""
     import ray
 
     placement = {}  # only when set: steers actors to a GPU model / node pool on heterogeneous clusters
@@ -75,19 +77,31 @@ def embed_dataset(ds, teacher: TeacherConfig, cache_root: str | Path, allow_hub:
     )
 
 
-def cache_path_for(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path) -> tuple[Path, str]:
+def cache_location_for(table: pa.Table, teacher: TeacherConfig,
+                       cache_root: str | Path | StoragePath) -> tuple[StoragePath, str]:
     data_fp = fingerprint_table(table)
-    return Path(cache_root) / "teacher" / teacher_fingerprint(teacher) / data_fp, data_fp
+    return resolve(cache_root, "cache_root") / "teacher" / teacher_fingerprint(teacher) / data_fp, data_fp
 
 
-def build_cache(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path,
-                allow_hub: bool = False) -> TeacherCache:
+def cache_path_for(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path) -> tuple[Path | str, str]:
+    """Where `table`'s cache lives: a Path under a local cache_root, else its URI."""
+    location, data_fp = cache_location_for(table, teacher, cache_root)
+    return location.native(), data_fp
+
+
+def build_cache(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path | StoragePath,
+                allow_hub: bool = False, model_root: str | Path | None = None) -> TeacherCache:
     """Return a complete teacher cache for `table`'s rows, computing only the chunks not yet cached.
 
+    cache_root: a local directory, a storage URI or a resolved StoragePath (object stores included).
+    model_root: the local directory for model weights; None: cache_root when local, else ~/.cache/leaf-ray.
     A complete cache is returned without loading the teacher. `cache.manifest["last_run"]` records
     how many chunks/rows this call computed and reused.
     """
-    path, data_fp = cache_path_for(table, teacher, cache_root)
+    path, data_fp = cache_location_for(table, teacher, cache_root)
+    if model_root is None:
+        root = resolve(cache_root, "cache_root")
+        model_root = root.native() if root.is_local else DEFAULT_LOCAL_CACHE.expanduser()
     cache = TeacherCache.open(path, teacher, data_fp, len(table), teacher.chunk_rows)
     missing = cache.missing_chunks(teacher.on_damaged_cache)
     started = time.time()
@@ -101,14 +115,14 @@ def build_cache(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path,
     todo = table.append_column("row", pa.array(row)).append_column("chunk", pa.array(row // chunk_rows))
     todo = todo.filter(pc.is_in(todo.column("chunk"), pa.array(missing)))
     stats = {"chunks_computed": len(missing), "rows_computed": len(todo), "chunks_reused": cache.chunks - len(missing)}
-    stats |= _embed_chunks(cache, todo, missing, teacher, cache_root, allow_hub, started)
+    stats |= _embed_chunks(cache, todo, missing, teacher, model_root, allow_hub, started)
     cache.finish(stats)
     log.info("teacher cache %s: %s", path, stats)
     return cache
 
 
 def _embed_chunks(cache: TeacherCache, todo: pa.Table, missing: list[int], teacher: TeacherConfig,
-                  cache_root, allow_hub: bool, started: float) -> dict:
+                  model_root, allow_hub: bool, started: float) -> dict:
     """Stream the stage's output and write every chunk the moment its last row arrives.
 
     Returns timing stats: `first_output_s` (start-up: pool scheduling + teacher load + first batch)
@@ -117,7 +131,7 @@ def _embed_chunks(cache: TeacherCache, todo: pa.Table, missing: list[int], teach
     pending: dict[int, list[dict]] = {i: [] for i in missing}
     received = dict.fromkeys(missing, 0)
     truncated, first = 0, None
-    ds = embed_dataset(to_dataset(todo, cache.manifest["chunk_rows"]), teacher, cache_root, allow_hub)
+    ds = embed_dataset(to_dataset(todo, cache.manifest["chunk_rows"]), teacher, model_root, allow_hub)
     with tqdm(total=len(todo), desc=f"teacher {teacher.model}", unit="text") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             vectors = np.asarray(batch["embedding"], dtype=np.float32)
@@ -149,13 +163,14 @@ def _write_sorted(cache: TeacherCache, chunk: int, pieces: list[dict]) -> None:
                       [str(v) for v in column["kind"][order]], column["embedding"][order])
 
 
-def teacher_embeddings(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path,
-                       allow_hub: bool = False) -> np.ndarray:
-    """Teacher vectors for `table`'s rows in `table`'s order, through the cache (ids must be unique)."""
+def teacher_embeddings(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path | StoragePath,
+                       allow_hub: bool = False, model_root: str | Path | None = None) -> np.ndarray:
+    """Teacher vectors for `table`'s rows in `table`'s order, through the cache (ids must be unique);
+    `cache_root` and `model_root` as for build_cache."""
     rows = table.select(["id", "text", "kind"])
     ordered = rows.append_column("_len", pc.utf8_length(rows.column("text"))).sort_by(
         [("kind", "ascending"), ("_len", "ascending"), ("id", "ascending")]).drop(["_len"])
-    cached = build_cache(ordered, teacher, cache_root, allow_hub).read_table(["id", "embedding"])
+    cached = build_cache(ordered, teacher, cache_root, allow_hub, model_root).read_table(["id", "embedding"])
     position = {row_id: i for i, row_id in enumerate(cached.column("id").to_pylist())}
     index = np.fromiter((position[i] for i in table.column("id").to_pylist()), dtype=np.int64, count=len(table))
     return embedding_matrix(cached.column("embedding"))[index]
