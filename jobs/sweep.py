@@ -1,0 +1,71 @@
+"""Sweep students (size, kind, learning rate, ...) with Ray Tune against one teacher cache, and report the
+Pareto front of validation quality vs speed vs bytes per vector, with test scores of the students on it.
+
+    python jobs/sweep.py --config configs/sweep.yaml [key.path=value ...]
+
+Rerunning the same command after an interruption continues the sweep (finished trials are kept); a
+finished sweep is never overwritten. See leaf_ray/tune.py for the layout of `<runs_root>/<name>/`.
+"""
+
+import logging
+
+from leaf_ray.config import parse_args
+from leaf_ray.data import build_mix
+from leaf_ray.runs import RunFolder
+from leaf_ray.runtime import init_ray
+from leaf_ray.train import training_inputs
+from leaf_ray.tune import (
+    FRONT_DIR,
+    SweepInterrupted,
+    absolute_paths,
+    export_front,
+    front_of,
+    measure_speed,
+    pin_config,
+    run_trials,
+    sweep_points,
+    teacher_validation,
+    write_sweep_report,
+)
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    cfg, _ = parse_args(argv, description=__doc__)
+    cfg = absolute_paths(cfg)
+    run = RunFolder(cfg)
+    run.refuse_if_finished()
+    run.check_writable()
+    pin_config(cfg)
+    init_ray(cfg.ray)
+
+    with run.stage("teacher"):  # the only stage that runs the teacher: trials read its caches
+        texts, mix = build_mix(cfg.data)
+        inputs = training_inputs(cfg, texts)
+        reference = teacher_validation(cfg)
+    with run.stage("tune"):
+        try:
+            trials, leftover = run_trials(cfg, inputs)
+        except SweepInterrupted as exc:
+            raise SystemExit(f"[leaf] {exc}") from None
+    with run.stage("throughput"):
+        speed = measure_speed(cfg, trials)
+    points = sweep_points(cfg, trials, speed)
+    front = front_of(points)
+    with run.stage("test"):
+        tested = export_front(cfg, trials, points, front, speed)
+
+    meta = {"teacher": cfg.teacher.model, "text_mix": mix.as_dict(), "trials": len(trials),
+            "evaluated": sum(t["status"] == "evaluated" for t in trials), "pareto_students": len(tested),
+            "placement_groups_left": leftover, "stage_seconds": run.stage_seconds}
+    paths = write_sweep_report(cfg, trials, reference, speed, points, front, tested, meta)
+    run.mark_finished(meta)
+    print(f"\n[leaf] sweep {cfg.name} finished; stages (s): {run.stage_seconds}")
+    print(f"[leaf] report:  {paths['markdown']}\n[leaf] Pareto:  {paths['plot']}")
+    for trial in tested:
+        print(f"[leaf] Pareto-optimal student: {run.path / FRONT_DIR / trial / 'student'}")
+    return meta
+
+
+if __name__ == "__main__":
+    main()
