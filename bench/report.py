@@ -1,0 +1,198 @@
+"""Collect the benchmark results (bench/results/*.json) into one markdown page, bench/results/README.md, that the
+project README links: serving speed (leaf vs teacher), peers, the teacher stage, teacher backends and training
+throughput, each as a table with the command that produced it; any other result file as its top-level figures.
+
+    python bench/report.py [--results bench/results] [--out bench/results/README.md]
+
+Every table is read from the JSON as the script wrote it: rerun a benchmark, then this, to refresh the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from leaf_ray.report import rows_table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _n(value, digits: int = 1) -> str:
+    """A number as the tables show it ("" for a missing one); other values as they are."""
+    if value is None:
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _one_minute(load) -> float:
+    """A load average as scripts record it: os.getloadavg()'s triple, or its first value."""
+    return load[0] if isinstance(load, list | tuple) else load
+
+
+def _load(result: dict) -> list[str]:
+    machine = result.get("machine", {})
+    before, after = machine.get("loadavg_before"), machine.get("loadavg_after")
+    if before is None:
+        return []
+    return [f"Load average {_one_minute(before):.1f} before, {_one_minute(after):.1f} after."]
+
+
+def serving(result: dict) -> list[str]:
+    speed, limit, paper, setup = result["speed"], result["physical_limit"], result["paper"], result["setup"]
+    rows = []
+    for key, row in speed.items():
+        name, path = key.split("/")
+        fraction = limit["fraction_of_limit"][name][path]
+        rows.append([name, path, _n(row["docs_per_s"], 2), _n(row["queries_per_s"]),
+                     _n(row["query_latency_p50_ms"]), _n(row["query_latency_p95_ms"]),
+                     _pct(fraction["docs"]), _pct(fraction["queries"])])
+    agreement = {name: min(c["min_cosine"] for c in checks.values()) for name, checks in result["onnx_agreement"].items()}
+    flops = {kind: {name: limit[f"flops_per_{kind}"][name] / 1e9 for name in ("teacher", "student")}
+             for kind in ("doc", "query")}
+    return [
+        (f"Student `{result['student']}`, teacher `{result['teacher']}`; {setup['documents']} corpus texts and "
+         f"{setup['queries']} queries of {setup['dataset']}, {setup['threads']} threads, best of {setup['rounds']} "
+         "alternating rounds."), "",
+        rows_table(["model", "path", "docs/s", "queries/s", "p50 ms", "p95 ms", "docs: % of CPU limit",
+                    "queries: % of CPU limit"], rows),
+        (f"**docs_speedup {result['docs_speedup']:.2f}x, queries_speedup {result['queries_speedup']:.2f}x** "
+         f"(student / teacher, best path of each) at {result['params']['ratio']:.2f}x fewer parameters; paper: "
+         f"{paper['docs_speedup']}x, {paper['queries_speedup']}x at {paper['params_ratio']}x. Batch-1 query latency "
+         f"p50 {result['query_latency_p50_speedup']:.2f}x lower."), "",
+        (f"Physical limit: {flops['doc']['teacher']:.3g} vs {flops['doc']['student']:.3g} GFLOP per document and "
+         f"{flops['query']['teacher']:.3g} vs {flops['query']['student']:.3g} GFLOP per query (teacher vs student: "
+         f"{limit['flops_ratio']['docs']:.1f}x and {limit['flops_ratio']['queries']:.1f}x); this machine's matmul "
+         f"throughput {limit['matmul_gflops']['teacher']} and {limit['matmul_gflops']['student']} GFLOP/s at each "
+         "model's feed-forward shape. ONNX vs PyTorch vectors, min cosine: "
+         + ", ".join(f"{n} {c:.6f}" for n, c in agreement.items()) + "."),
+        *_load(result)]
+
+
+def peers(result: dict) -> list[str]:
+    rows = []
+    for name, row in result["results"].items():
+        speed = result["speed"].get(row.get("speed_key", ""), {})
+        asymmetric = row["ndcg_at_10"]["asymmetric"]
+        rows.append([name, _n(row.get("wall_s", row.get("distill_s"))), _n(row.get("val_cosine"), 4),
+                     _n(row["ndcg_at_10"]["standard"], 4), "n/a" if asymmetric is None else _n(asymmetric, 4),
+                     _n(speed.get("docs_per_s")), _n(speed.get("queries_per_s")), row["recipe"]])
+    teacher_speed = result["speed"].get("teacher", {})
+    rows.append(["teacher", "", "", _n(result["teacher"]["ndcg_at_10"], 4), "", _n(teacher_speed.get("docs_per_s")),
+                 _n(teacher_speed.get("queries_per_s")), result["teacher"]["model"]])
+    setup, goal, shared = result["setup"], result["goal"], result["shared"]
+    return [
+        (f"Config `{result['config']}` {' '.join(result['overrides'])}: {setup['train_rows']} training rows, batch "
+         f"{setup['train']['batch_size']}, lr {setup['train']['lr']}; {setup['dataset']}/{setup['split']} "
+         f"({setup['documents']} documents, {setup['queries']} queries). The teacher vectors ({shared['teacher_vectors_s']} "
+         f"s) and the initial student ({shared['init_student_s']} s) are shared by both trained peers and not in their "
+         "times."), "",
+        rows_table(["peer", "make (s)", "val cosine", "nDCG@10 standard", "nDCG@10 asymmetric", "docs/s",
+                    "queries/s", "recipe"], rows),
+        (f"Goal (leaf-ray's wall time <= sentence-transformers' with equal or better nDCG@10): wall time "
+         f"{'met' if goal['leaf_wall_le_st'] else 'not met'}; nDCG@10 "
+         + ", ".join(f"{k} {'met' if v else 'not met'}" for k, v in goal["leaf_ndcg_ge_st"].items()) + ". "
+         + result["results"]["model2vec"]["asymmetric_note"] + ".")]
+
+
+def teacher_stage(result: dict) -> list[str]:
+    rows = [[name, _n(max(r["steady_rows_per_s"] for r in runs)), _n(max(r["with_startup_rows_per_s"] for r in runs)),
+             _n(min(r["wall_s"] for r in runs))] for name, runs in result["runs"].items()]
+    return [(f"{result['model']}, {result['texts']} texts ({result['documents']} documents), {result['threads']} "
+             f"threads, best of {result['rounds']} alternating rounds."), "",
+            rows_table(["path", "steady rows/s", "rows/s with start-up", "wall s"], rows),
+            (f"Ray / plain: steady {result['steady_ratio']}x, with start-up {result['with_startup_ratio']}x. "
+             + result.get("steady_caveat", ""))]
+
+
+def teacher_backends(result: dict) -> list[str]:
+    rows = [[name, _n(run["steady_rows_per_s"]), _n(run["with_startup_rows_per_s"]),
+             _n(result["steady_vs_transformers"][name], 2), _n(result["min_cosine_vs_transformers"][name], 6),
+             _n(run.get("load_avg_after"))] for name, run in result["runs"].items()]
+    return [(f"{result['model']}, {result['texts']} texts, max length {result['max_length']}, {result['threads']} "
+             "threads, one run each."), "",
+            rows_table(["backend", "steady rows/s", "rows/s with start-up", "vs transformers", "min cosine",
+                        "load after"], rows), result.get("note", "")]
+
+
+def train_throughput(result: dict) -> list[str]:
+    setup = result["setup"]
+    rows = [[name, _n(row["steady_samples_per_s"]), _n(row["wall_s"])] for name, row in result["results"].items()]
+    return [(f"{setup['student']} from {setup['teacher']}, {setup['steps']} steps of {setup['batch_size_per_process']} "
+             f"rows per process, {setup['torch_threads_per_process']} torch thread(s) per process, median of "
+             f"{setup['rounds']} alternating rounds."), "",
+            rows_table(["run", "steady samples/s", "wall s"], rows), *_load(result)]
+
+
+def scalars(result: dict) -> list[str]:
+    rows = [[key, _n(value, 2)] for key, value in result.items() if isinstance(value, int | float | str | bool)]
+    return [rows_table(["figure", "value"], rows)]
+
+
+# benchmark kind -> (section title, command, renderer); a file's kind is its "benchmark" field, else its name.
+SECTIONS: dict[str, tuple[str, str, Callable[[dict], list[str]]]] = {
+    "serving": ("Serving: leaf vs teacher", "python bench/serving.py <student dir> --out bench/results/serving-<run>.json",
+                serving),
+    "peers": ("Peers: sentence-transformers and Model2Vec on the same budget", "python bench/peers.py --config <config>",
+              peers),
+    "teacher_stage_vs_plain_loop": ("Teacher stage: Ray Data vs a plain loop", "python bench/teacher_throughput.py",
+                                    teacher_stage),
+    "teacher_backends_cpu": ("Teacher backends", "python bench/teacher_backends.py", teacher_backends),
+    "train_throughput": ("Training: Ray Train vs a plain loop", "python bench/train_throughput.py", train_throughput),
+}
+ORDER = list(SECTIONS)
+
+
+def kind_of(path: Path, result: dict) -> str:
+    kind = result.get("benchmark", path.stem)
+    return kind if kind in SECTIONS else path.stem
+
+
+def render(results_dir: Path) -> str:
+    """The markdown page for every *.json in `results_dir`, known kinds first in ORDER."""
+    found = []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"{path}: not valid JSON ({exc})") from None
+        found.append((path, result, kind_of(path, result)))
+    found.sort(key=lambda item: (ORDER.index(item[2]) if item[2] in ORDER else len(ORDER), item[0].name))
+    lines = ["# Benchmark results", "",
+             ("Written by `python bench/report.py` from the JSON files here. Speeds are ratios measured side by side "
+             "in one run (alternating, same threads, warm) on a shared 2-core CPU machine; absolute figures move with "
+             "the machine's load (recorded where the script records it)."), ""]
+    for path, result, kind in found:
+        title, command, renderer = SECTIONS.get(kind, (path.stem, None, scalars))
+        try:
+            body = renderer(result)
+        except (KeyError, TypeError) as exc:
+            raise SystemExit(f"{path}: missing or malformed field {exc} for a {kind} result") from None
+        lines += [f"## {title} (`{path.name}`)", ""]
+        if command:
+            lines += [f"`{command}`", ""]
+        lines += [*body, ""]
+        if path.with_suffix(".png").is_file():
+            lines += [f"![{path.stem}]({path.with_suffix('.png').name})", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(RESULTS), help="folder of result JSON files")
+    parser.add_argument("--out", help="markdown file (default: README.md in the results folder)")
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    out = Path(args.out) if args.out else results / "README.md"
+    out.write_text(render(results))
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
