@@ -39,6 +39,21 @@ def build_tiny_bert(directory: Path, hidden: int = 32, layers: int = 2, heads: i
     return directory / "model"
 
 
+def build_tiny_mpnet(directory: Path, tokenizer_source: Path, layers: int) -> Path:
+    """A plain Hugging Face MPNet directory (the replica teacher's architecture: relative attention bias shared
+    across layers, no token types) with `tokenizer_source`'s tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    torch.manual_seed(0)
+    config = MPNetConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id)
+    MPNetModel(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
+
+
 def random_texts(n: int, seed: int = 0, min_words: int = 3, max_words: int = 30) -> list[str]:
     import random
 

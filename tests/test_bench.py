@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from leaf_ray.config import StudentConfig
@@ -28,6 +27,7 @@ from .conftest import (
     DATA_ROOT,
     REPO,
     TEACHER_PROMPTS,
+    build_tiny_mpnet,
     random_texts,
     tiny_teacher_config,
 )
@@ -75,15 +75,8 @@ def tiny_mpnet(tiny_teacher, tmp_path_factory):
     """A plain Hugging Face MPNet (the replica teacher's architecture: relative attention bias, no token types),
     loaded with mean pooling and given query/document prompts."""
     from sentence_transformers import SentenceTransformer
-    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
 
-    directory = tmp_path_factory.mktemp("tiny_mpnet")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
-    torch.manual_seed(0)
-    config = MPNetConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id)
-    MPNetModel(config).save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
+    directory = build_tiny_mpnet(tmp_path_factory.mktemp("tiny_mpnet"), tiny_teacher, layers=2)
     model = SentenceTransformer(str(directory), device="cpu", prompts=TEACHER_PROMPTS)
     model.max_seq_length = 48
     return model

@@ -18,7 +18,7 @@ from leaf_ray.student import (MANIFEST_NAME, StudentError, TeacherRows, build_st
                               safetensors_parameter_count, student_manifest, update_manifest)
 from leaf_ray.train import evaluate
 
-from .conftest import TEACHER_PROMPTS, build_tiny_bert, tiny_teacher_config
+from .conftest import TEACHER_PROMPTS, build_tiny_bert, build_tiny_mpnet, tiny_teacher_config
 
 TEACHER_DIM = 32  # the tiny teacher's hidden size
 
@@ -38,17 +38,7 @@ def sample(tiny_cache):
 
 @pytest.fixture(scope="module")
 def tiny_mpnet(tiny_teacher, tmp_path_factory) -> Path:
-    """A plain Hugging Face MPNet directory (relative attention bias shared across layers)."""
-    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
-
-    directory = tmp_path_factory.mktemp("tiny_mpnet")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
-    torch.manual_seed(0)
-    config = MPNetConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id)
-    MPNetModel(config).save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return build_tiny_mpnet(tmp_path_factory.mktemp("tiny_mpnet"), tiny_teacher, layers=3)
 
 
 def test_teacher_layers_keeps_chosen_layers(tiny_teacher, sample):
