@@ -123,10 +123,14 @@ def test_ray_job_submit_against_a_local_head(tiny_teacher, tmp_path):
             assert head.poll() is None, (temp_dir / "head.log").read_text()[-3000:]
             time.sleep(0.5)
         runtime_env = json.dumps({"env_vars": {"LEAF_DATA_DIR": str(DATA_ROOT), "HF_HUB_OFFLINE": "1"}})
-        job = subprocess.run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-                              "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
-                              "python", "jobs/distill.py", "--config", str(config)],
-                             env=env, capture_output=True, text=True, timeout=800, cwd=REPO)
+        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+                  "--runtime-env-json", runtime_env, "--", "python", "jobs/distill.py", "--config", str(config)]
+        deadline = time.time() + 120
+        while True:  # the head's job agent comes up after "Ray runtime started"; on a loaded machine, much after
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=800, cwd=REPO)
+            if "No available agent to submit job" not in job.stderr or time.time() > deadline:
+                break
+            time.sleep(2)
         assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-3000:]
         assert "Started a local Ray instance" not in job.stdout  # it joined the cluster
         run = tmp_path / "runs" / "submitted"
