@@ -64,11 +64,8 @@ def markdown_table(records: list[dict]) -> str:
         keys, metrics, rows = pivot([r for r in records if r.get("task") == task])
         shown = [i for i, k in enumerate(keys) if k != "task"]
         header = [keys[i] for i in shown] + metrics
-        out += [f"### {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for row, values in rows.items():
-            cells = [_cell(row[i]) for i in shown] + [_cell(values.get(m)) for m in metrics]
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
+        cells = [[row[i] for i in shown] + [values.get(m) for m in metrics] for row, values in rows.items()]
+        out += [f"### {task}", "", rows_table(header, cells)]
     return "\n".join(out)
 
 
@@ -108,6 +105,17 @@ def headline(records: list[dict]) -> list[str]:
     return lines
 
 
+def save_png(fig, path: StoragePath) -> StoragePath:
+    """Render a matplotlib figure to PNG bytes and write them in one call (local disk or object store)."""
+    import matplotlib.pyplot as plt
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    path.write_bytes(png.getvalue())
+    return path
+
+
 def plot_metric_vs_dims(records: list[dict], metric: str, out_dir: Path | StoragePath) -> list[StoragePath]:
     """Per (dataset, split): one panel per mode, `metric` against dims, one line per quantization, saved as
     PNGs under `out_dir` (a local directory or an object-store location)."""
@@ -139,12 +147,7 @@ def plot_metric_vs_dims(records: list[dict], metric: str, out_dir: Path | Storag
         axes[0][-1].legend(title="quantization")
         fig.suptitle(f"{dataset} ({split})")
         fig.tight_layout()
-        png = io.BytesIO()
-        fig.savefig(png, format="png", dpi=110)
-        plt.close(fig)
-        path = out_dir / f"{dataset}_{split}_{metric}.png"
-        path.write_bytes(png.getvalue())
-        paths.append(path)
+        paths.append(save_png(fig, out_dir / f"{dataset}_{split}_{metric}.png"))
     return paths
 
 
@@ -206,9 +209,4 @@ def plot_pareto(points: Sequence[dict], front: Sequence[int], path: Path | str |
         ax.margins(0.12)  # room for the labels
     fig.suptitle(title)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    path = resolve(path, "report file")
-    path.write_bytes(png.getvalue())
-    return path
+    return save_png(fig, resolve(path, "report file"))

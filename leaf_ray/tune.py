@@ -255,7 +255,7 @@ def run_trial(params: dict, *, cfg_tree: dict, train, val, teacher_dim: int) -> 
                "records": records}
     resolve(trained.run_dir / TRIAL_SUMMARY).write_text(json.dumps(summary, indent=1, default=str))
     ray.tune.report({ALIGNMENT: trained.metrics[ALIGNMENT], "step": trained.steps,
-                     **{f"val_{QUALITY_METRIC}_{mode}": _quality(records, mode, None, None) for mode in TRIAL_MODES}})
+                     **{f"val_{QUALITY_METRIC}_{mode}": _value(records, mode, QUALITY_METRIC) for mode in TRIAL_MODES}})
 
 
 # -- the tuner -------------------------------------------------------------------------------------------------
@@ -365,12 +365,12 @@ def measure_speed(cfg: RunConfig, rows: Sequence[dict]) -> dict[str, dict]:
                             latency_queries=min(16, n))
 
 
-def _quality(records: Sequence[dict], mode: str, dims: int | None, quantization: str | None) -> float:
-    """Mean validation nDCG@10 over datasets at (dims, quantization); None, None: the full dims in float32."""
-    chosen = [r for r in records if r["metric"] == QUALITY_METRIC and r["mode"] == mode and r["task"] == "retrieval"]
-    dims = dims or max(r["dims"] for r in chosen)
-    values = [r["value"] for r in chosen if r["dims"] == dims and r["quantization"] == (quantization or "float32")]
-    return sum(values) / len(values)
+def _value(records: Sequence[dict], mode: str, metric: str, dims=None, quantization="float32"):
+    """Mean of `metric` over datasets at (dims, quantization), by default the full dims in float32; None if absent."""
+    chosen = [r for r in records if (r["mode"], r["metric"], r["quantization"]) == (mode, metric, quantization)]
+    dims = dims or max((r["dims"] for r in chosen), default=None)
+    values = [r["value"] for r in chosen if r["dims"] == dims]
+    return sum(values) / len(values) if values else None
 
 
 def pareto_front(points: Sequence[Mapping[str, float]], maximize: Sequence[str] = (),
@@ -395,7 +395,8 @@ def sweep_points(cfg: RunConfig, rows: Sequence[dict], speed: Mapping[str, dict]
         for dims, quantization in variants:
             points.append({"trial_id": row["trial_id"], "label": row["label"], "dims": dims,
                            "quantization": quantization, "bytes_per_vector": bytes_per_vector(dims, quantization),
-                           "quality": _quality(row["records"], cfg.sweep.quality_mode, dims, quantization),
+                           "quality": _value(row["records"], cfg.sweep.quality_mode, QUALITY_METRIC, dims,
+                                             quantization),
                            "speed": speed[row["trial_id"]][cfg.sweep.speed_metric]})
     return points
 
@@ -429,13 +430,6 @@ def export_front(cfg: RunConfig, rows: Sequence[dict], points: Sequence[dict], f
 
 
 # -- the report -------------------------------------------------------------------------------------------------
-
-def _value(records: Sequence[dict], mode: str, metric: str, dims=None, quantization="float32"):
-    chosen = [r for r in records if (r["mode"], r["metric"], r["quantization"]) == (mode, metric, quantization)]
-    dims = dims or max((r["dims"] for r in chosen), default=None)
-    values = [r["value"] for r in chosen if r["dims"] == dims]
-    return sum(values) / len(values) if values else None
-
 
 def write_sweep_report(cfg: RunConfig, rows: Sequence[dict], reference: Sequence[dict], speed: Mapping[str, dict],
                        points: Sequence[dict], front: Sequence[int], tested: Mapping[str, list[dict]],
