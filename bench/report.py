@@ -71,7 +71,30 @@ def serving(result: dict) -> list[str]:
          f"throughput {limit['matmul_gflops']['teacher']} and {limit['matmul_gflops']['student']} GFLOP/s at each "
          "model's feed-forward shape. ONNX vs PyTorch vectors, min cosine: "
          + ", ".join(f"{n} {c:.6f}" for n, c in agreement.items()) + "."),
+        *_fusions(setup.get("onnx_fusions", {})),
+        *_breakdown(result.get("query_time_breakdown", {})),
         *_load(result)]
+
+
+def _breakdown(breakdown: dict[str, dict]) -> list[str]:
+    """Where each ONNX path's query time goes: tokenising, and the kernels' largest operator types."""
+    if not breakdown:
+        return []
+    lines = []
+    for key, row in breakdown.items():
+        ops = ", ".join(f"{op} {_pct(share)}" for op, share in list(row["op_shares"].items())[:4])
+        lines.append(f"- {key}: tokenising {_pct(row['tokenize_share'])}, kernels {_pct(row['kernel_share'])} "
+                     f"(of which {ops})")
+    return ["", "Where the query time goes (one profiled pass over the queries per ONNX path):", *lines, ""]
+
+
+def _fusions(fusions: dict[str, dict[str, int]]) -> list[str]:
+    """Which onnxruntime fused operators each fused graph uses (the onnx-fused path)."""
+    fused = {key: counts for key, counts in fusions.items() if counts}
+    if not fused:
+        return []
+    return ["onnx-fused graphs: " + "; ".join(f"{key} " + ", ".join(f"{op} x{n}" for op, n in counts.items())
+                                             for key, counts in fused.items()) + "."]
 
 
 def peers(result: dict) -> list[str]:

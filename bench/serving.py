@@ -1,15 +1,18 @@
 """Leaf vs teacher serving speed on this CPU: documents/s (SciFact corpus texts), queries/s (SciFact test
 queries) and batch-1 query latency p50/p95, through PyTorch (sentence-transformers) and through ONNX Runtime
-(leaf_ray.onnx_export), for a trained student and the teacher its manifest names.
+(leaf_ray.onnx_export) with the exporter's graph ("onnx") and with onnxruntime's fused operators ("onnx-fused"),
+for a trained student and the teacher its manifest names.
 
     python bench/serving.py runs/leaf-ir-cpu/student [--docs 256] [--queries 300] [--rounds 2] [--threads N]
 
 Before timing, the ONNX vectors are checked against the PyTorch ones (max abs difference, min cosine); a
-mismatch stops the run. All four encoders (teacher/student x pytorch/onnx) run in one measure_encoders call:
+mismatch stops the run. All six encoders (teacher/student x three paths) run in one measure_encoders call:
 alternating rounds after a warm-up, torch and onnxruntime with the same threads, best round of each kept.
 `docs_speedup` / `queries_speedup` = student / teacher, each on its faster path. The physical-limit section
 puts each path's useful FLOPs per second (from the encoder shapes and the texts' measured token counts)
-against this machine's measured matmul throughput. Writes bench/results/serving.json and serving.png.
+against this machine's measured matmul throughput, and a profiled pass of each ONNX path over the queries
+says where their time goes (tokenising, onnxruntime kernels by operator). Writes bench/results/serving.json and
+serving.png.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ PAPER = {"docs_speedup": 6.5, "queries_speedup": 7.3, "params_ratio": 4.7,
          "query_latency_ms": {"teacher": 73, "student": 11},
          "source": "LEAF (arXiv 2509.12539): arctic-embed-m-v1.5 -> leaf-ir on a 2-vCPU machine, ONNX Runtime"}
 MIN_COSINE = 0.9999  # ONNX and PyTorch must give the same vectors (fp32 kernels differ only in rounding)
-PATHS = ("pytorch", "onnx")
+PATHS = ("pytorch", "onnx", "onnx-fused")
+ONNX_PATHS = {"onnx": False, "onnx-fused": True}  # path -> export_onnx(fuse=...)
 MATMUL_ROWS = 4096  # tokens per representative matmul: one batch of 32 texts of 128 tokens
 
 
@@ -83,6 +87,31 @@ def physical_limit(models: dict, prompts: dict, documents: list[str], queries: l
     out["note"] = ("useful FLOPs only (real tokens; padding, embeddings, norms and softmax not counted); "
                    "flops_ratio is the speedup a student would get at the teacher's efficiency")
     return out
+
+
+def query_time_breakdown(directory: Path, queries: list[str], prompt: str | None, threads: int,
+                         batch_size: int) -> dict:
+    """Where an ONNX path's query time goes, from one profiled pass over the queries: the share spent
+    tokenising, the share in onnxruntime kernels, and the kernel time per operator type (largest first)."""
+    encoder = OnnxEncoder(directory, threads=threads, profile_prefix=str(directory / "profile"))
+    texts = [(prompt or "") + query for query in queries]
+    started = time.perf_counter()
+    encoder.encode(texts, batch_size=batch_size)
+    total = time.perf_counter() - started
+    started = time.perf_counter()
+    for start in range(0, len(texts), batch_size):
+        encoder.tokenize(texts[start:start + batch_size])
+    tokenize = time.perf_counter() - started
+    kernels: dict[str, float] = {}
+    for event in json.loads(Path(encoder.session.end_profiling()).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            kernels[op] = kernels.get(op, 0.0) + event["dur"] / 1e6
+    kernel_total = sum(kernels.values())
+    return {"total_s": round(total, 3), "tokenize_share": round(tokenize / total, 3),
+            "kernel_share": round(kernel_total / total, 3),
+            "op_shares": {op: round(t / kernel_total, 3) for op, t in sorted(kernels.items(), key=lambda kv: -kv[1])
+                          if t / kernel_total >= 0.005}}
 
 
 def best_paths(speed: dict) -> dict:
@@ -170,18 +199,23 @@ def main(argv=None) -> dict:
     documents, queries = sample_texts(cfg.data.resolve_path(args.dataset), args.split, args.docs, args.queries, 0)
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="leaf-serving-"))
-    encoders, checks, export_s = {}, {}, {}
+    encoders, checks, export_s, fusions, breakdown = {}, {}, {}, {}, {}
     for name, model in models.items():
-        started = time.perf_counter()
-        onnx = OnnxEncoder(export_onnx(model, work / name), threads=args.threads)
-        export_s[name] = round(time.perf_counter() - started, 1)
-        checks[name] = {kind: agreement(model, onnx, texts[:args.check_texts], prompts[name][kind])
-                        for kind, texts in (("query", queries), ("document", documents))}
-        worst = min(c["min_cosine"] for c in checks[name].values())
-        if worst < MIN_COSINE:
-            raise SystemExit(f"{name}: ONNX vectors differ from PyTorch's (min cosine {worst:.6f} < {MIN_COSINE}); "
-                             f"details {checks[name]}")
-        encoders[f"{name}/pytorch"], encoders[f"{name}/onnx"] = model, onnx
+        encoders[f"{name}/pytorch"] = model
+        for path, fuse in ONNX_PATHS.items():
+            key = f"{name}/{path}"
+            started = time.perf_counter()
+            onnx = OnnxEncoder(export_onnx(model, work / name / path, fuse=fuse), threads=args.threads)
+            export_s[key], fusions[key] = round(time.perf_counter() - started, 1), onnx.fusions
+            checks[key] = {kind: agreement(model, onnx, texts[:args.check_texts], prompts[name][kind])
+                           for kind, texts in (("query", queries), ("document", documents))}
+            worst = min(c["min_cosine"] for c in checks[key].values())
+            if worst < MIN_COSINE:
+                raise SystemExit(f"{key}: ONNX vectors differ from PyTorch's (min cosine {worst:.6f} < {MIN_COSINE}); "
+                                 f"details {checks[key]}")
+            encoders[key] = onnx
+            breakdown[key] = query_time_breakdown(work / name / path, queries, prompts[name]["query"],
+                                                  args.threads, args.batch_size)
     load_before = os.getloadavg()
     speed = measure_encoders(encoders, queries, documents,
                              prompts={key: prompts[key.split("/")[0]] for key in encoders},
@@ -206,10 +240,12 @@ def main(argv=None) -> dict:
         "speed": speed,
         "onnx_agreement": checks,
         "physical_limit": physical_limit(models, prompts, documents, queries, speed),
+        "query_time_breakdown": breakdown,
         "setup": {"dataset": Path(args.dataset).name, "split": args.split, "documents": len(documents), "queries": len(queries),
                   "latency_queries": min(args.latency_queries, len(queries)), "rounds": args.rounds,
                   "batch_size": args.batch_size, "threads": args.threads, "prompts": prompts,
                   "max_length": {n: int(m.max_seq_length) for n, m in models.items()}, "onnx_export_s": export_s,
+                  "onnx_fusions": fusions,
                   "rates": "best round of each encoder; rounds alternate the encoders, latency alternates per block of queries"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import yaml
 
@@ -83,9 +84,12 @@ def tiny_mpnet(tiny_teacher, tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-def test_onnx_vectors_equal_pytorch(tiny_mpnet, tmp_path):
+@pytest.mark.parametrize("fuse", [False, True], ids=["exported", "fused"])
+def test_onnx_vectors_equal_pytorch(tiny_mpnet, tmp_path, fuse):
     """The BERT + Dense student path is checked the same way inside the serving script (test below)."""
-    encoder = OnnxEncoder(export_onnx(tiny_mpnet, tmp_path / "onnx"), threads=1)
+    encoder = OnnxEncoder(export_onnx(tiny_mpnet, tmp_path / "onnx", fuse=fuse), threads=1)
+    assert bool(encoder.fusions) == fuse
+    assert [p.name for p in (tmp_path / "onnx").glob("*.onnx")] == ["model.onnx"]  # the unfused graph is removed
     texts = random_texts(20, seed=3, min_words=1, max_words=90)  # some longer than max_seq_length: truncated
     for prompt_name in ("query", "document"):
         expected = tiny_mpnet.encode(texts, prompt_name=prompt_name, batch_size=7)
@@ -96,6 +100,18 @@ def test_onnx_vectors_equal_pytorch(tiny_mpnet, tmp_path):
     assert encoder.prompts == TEACHER_PROMPTS
     with pytest.raises(OnnxExportError, match="prompt_name 'passage'"):
         encoder.encode(texts, prompt_name="passage")
+
+
+@pytest.mark.timeout(300)
+def test_fused_bert_student_runs_onnxruntime_attention_with_the_same_vectors(tiny_student, tmp_path):
+    student = load_student(tiny_student)
+    encoder = OnnxEncoder(export_onnx(student, tmp_path / "onnx"), threads=1)
+    assert {"attention", "skip_layer_normalization", "bias_gelu"} <= set(encoder.fusions)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node}
+    assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= ops
+    texts = random_texts(16, seed=4, min_words=1, max_words=80)
+    np.testing.assert_allclose(encoder.encode(texts, prompt_name="query", batch_size=5),
+                               student.encode(texts, prompt_name="query", batch_size=5), atol=1e-5)
 
 
 def test_onnx_refuses_what_it_cannot_reproduce(tiny_student, tmp_path):
@@ -133,7 +149,8 @@ def serving_result(tiny_student, scifact_slice, tmp_path_factory) -> Path:
 def test_serving_script_writes_speedups_agreement_and_physical_limit(serving_result):
     report = json.loads(serving_result.read_text())
     assert report["benchmark"] == "serving" and report["docs_speedup"] > 0 and report["queries_speedup"] > 0
-    assert set(report["speed"]) == {"teacher/pytorch", "teacher/onnx", "student/pytorch", "student/onnx"}
+    paths = {"pytorch", "onnx", "onnx-fused"}
+    assert set(report["speed"]) == {f"{name}/{path}" for name in ("teacher", "student") for path in paths}
     for row in report["speed"].values():
         assert {"docs_per_s", "queries_per_s", "query_latency_p50_ms", "query_latency_p95_ms"} <= set(row)
     assert report["paper"]["docs_speedup"] == 6.5 and report["paper"]["queries_speedup"] == 7.3
@@ -143,8 +160,12 @@ def test_serving_script_writes_speedups_agreement_and_physical_limit(serving_res
     limit = report["physical_limit"]
     assert limit["flops_per_doc"]["teacher"] > limit["flops_per_doc"]["student"] > 0
     assert limit["flops_ratio"]["docs"] > 1 and limit["matmul_gflops"]["student"] > 0
-    assert set(limit["fraction_of_limit"]["teacher"]) == {"pytorch", "onnx"}
-    assert {report["best_path"]["student"][k]["path"] for k in ("docs", "queries")} <= {"pytorch", "onnx"}
+    assert set(limit["fraction_of_limit"]["teacher"]) == paths
+    assert {report["best_path"]["student"][k]["path"] for k in ("docs", "queries")} <= paths
+    assert "attention" in report["setup"]["onnx_fusions"]["student/onnx-fused"]
+    assert report["setup"]["onnx_fusions"]["student/onnx"] == {}
+    for row in report["query_time_breakdown"].values():
+        assert 0 < row["tokenize_share"] < 1 and 0 < row["kernel_share"] <= 1.05 and "MatMul" in row["op_shares"]
     assert serving_result.with_suffix(".png").stat().st_size > 0
 
 
