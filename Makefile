@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(PY) jobs/distill.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
