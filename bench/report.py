@@ -58,7 +58,7 @@ def serving(result: dict) -> list[str]:
     return [
         (f"Student `{result['student']}`, teacher `{result['teacher']}`; {setup['documents']} corpus texts and "
          f"{setup['queries']} queries of {setup['dataset']}, {setup['threads']} threads, best of {setup['rounds']} "
-         "alternating rounds."), "",
+         f"alternating rounds ({setup.get('query_rounds', setup['rounds'])} for queries)."), "",
         rows_table(["model", "path", "docs/s", "queries/s", "p50 ms", "p95 ms", "docs: % of CPU limit",
                     "queries: % of CPU limit"], rows),
         (f"**docs_speedup {result['docs_speedup']:.2f}x, queries_speedup {result['queries_speedup']:.2f}x** "
@@ -89,11 +89,11 @@ def _breakdown(breakdown: dict[str, dict]) -> list[str]:
 
 
 def _fusions(fusions: dict[str, dict[str, int]]) -> list[str]:
-    """Which onnxruntime fused operators each fused graph uses (the onnx-fused path)."""
+    """How often each of onnxscript's onnxruntime fusion rules applied to each fused graph (the onnx-fused path)."""
     fused = {key: counts for key, counts in fusions.items() if counts}
     if not fused:
         return []
-    return ["onnx-fused graphs: " + "; ".join(f"{key} " + ", ".join(f"{op} x{n}" for op, n in counts.items())
+    return ["Fusion rules applied: " + "; ".join(f"{key} " + ", ".join(f"{op} x{n}" for op, n in counts.items())
                                              for key, counts in fused.items()) + "."]
 
 

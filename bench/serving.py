@@ -7,7 +7,8 @@ for a trained student and the teacher its manifest names.
 
 Before timing, the ONNX vectors are checked against the PyTorch ones (max abs difference, min cosine); a
 mismatch stops the run. All six encoders (teacher/student x three paths) run in one measure_encoders call:
-alternating rounds after a warm-up, torch and onnxruntime with the same threads, best round of each kept.
+alternating rounds after a warm-up (more of them for the seconds-long queries pass), torch and onnxruntime with
+the same threads, best round of each kept.
 `docs_speedup` / `queries_speedup` = student / teacher, each on its faster path. The physical-limit section
 puts each path's useful FLOPs per second (from the encoder shapes and the texts' measured token counts)
 against this machine's measured matmul throughput, and a profiled pass of each ONNX path over the queries
@@ -177,6 +178,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--queries", type=int, default=300, help="queries timed per round (SciFact test has 300)")
     parser.add_argument("--latency-queries", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--query-rounds", type=int, default=6, help="alternating rounds of the queries/s pass")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and onnxruntime threads")
     parser.add_argument("--check-texts", type=int, default=32, help="texts per kind in the ONNX agreement check")
@@ -219,7 +221,8 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
     speed = measure_encoders(encoders, queries, documents,
                              prompts={key: prompts[key.split("/")[0]] for key in encoders},
-                             rounds=args.rounds, batch_size=args.batch_size, latency_queries=args.latency_queries)
+                             rounds=args.rounds, batch_size=args.batch_size, latency_queries=args.latency_queries,
+                             query_rounds=args.query_rounds)
     load_after = os.getloadavg()
     best = best_paths(speed)
     params = count_parameters(student, teacher_parameter_count(teacher_cfg, models_root, cfg.allow_hub))
@@ -243,6 +246,7 @@ def main(argv=None) -> dict:
         "query_time_breakdown": breakdown,
         "setup": {"dataset": Path(args.dataset).name, "split": args.split, "documents": len(documents), "queries": len(queries),
                   "latency_queries": min(args.latency_queries, len(queries)), "rounds": args.rounds,
+                  "query_rounds": args.query_rounds,
                   "batch_size": args.batch_size, "threads": args.threads, "prompts": prompts,
                   "max_length": {n: int(m.max_seq_length) for n, m in models.items()}, "onnx_export_s": export_s,
                   "onnx_fusions": fusions,

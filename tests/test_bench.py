@@ -140,8 +140,8 @@ def test_flops_follow_the_encoder_shape_and_measured_token_counts(tiny_student):
 def serving_result(tiny_student, scifact_slice, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serving") / "serving.json"
     run_script("bench/serving.py", str(tiny_student), "--dataset", str(scifact_slice), "--docs", "16",
-               "--queries", "12", "--latency-queries", "4", "--rounds", "1", "--check-texts", "8", "--threads", "1",
-               "--out", str(out))
+               "--queries", "12", "--latency-queries", "4", "--rounds", "1", "--query-rounds", "2", "--check-texts", "8",
+               "--threads", "1", "--out", str(out))
     return out
 
 

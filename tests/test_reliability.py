@@ -331,6 +331,16 @@ def test_manifest_row_count_mismatch_is_refused(reference, job, tmp_path):
         build_cache(job.texts, reference.cfg.teacher, tmp_path)
 
 
+def test_a_damaged_manifest_is_refused_naming_its_file(reference, job, tmp_path):
+    cache = copied_cache(reference, tmp_path)
+    manifest = Path(cache.path) / MANIFEST
+    manifest.write_text(manifest.read_text()[:40])  # cut off mid-write by a crash outside leaf-ray's atomic writes
+    for open_cache in (lambda: build_cache(job.texts, reference.cfg.teacher, tmp_path),
+                       lambda: TeacherCache.load(cache.path)):
+        with pytest.raises(CacheDamagedError, match=f"{manifest}.*not valid JSON"):
+            open_cache()
+
+
 # -- 5. bad teachers and bad texts ----------------------------------------------------------------------------
 
 def small_table(texts: list[str], kinds: list[str] | None = None) -> pa.Table:

@@ -52,6 +52,16 @@ def teacher_fingerprint(cfg: TeacherConfig) -> str:
     return f"{slug}-{digest}"
 
 
+def _read_manifest(manifest_file) -> dict:
+    """The manifest's JSON. One that is not valid JSON (cut off by a crash outside leaf-ray's atomic writes) is
+    refused naming its file; the parts beside it are left as they are."""
+    try:
+        return json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CacheDamagedError(f"{manifest_file}: not valid JSON ({exc}); move it away and rerun the teacher stage "
+                                "to rebuild the cache") from exc
+
+
 class TeacherCache:
     """One teacher's vectors for one data set; see the module docstring for the layout. `location` is
     where it lives; `path` the same as a Path when local (else its URI)."""
@@ -73,7 +83,7 @@ class TeacherCache:
         spec = teacher_spec(teacher)
         manifest_file = path / MANIFEST
         if manifest_file.is_file():
-            manifest = json.loads(manifest_file.read_text())
+            manifest = _read_manifest(manifest_file)
             if manifest.get("teacher") != spec:
                 diff = {k: (manifest.get("teacher", {}).get(k), v) for k, v in spec.items()
                         if manifest.get("teacher", {}).get(k) != v}
@@ -98,7 +108,7 @@ class TeacherCache:
         manifest_file = path / MANIFEST
         if not manifest_file.is_file():
             raise CacheDamagedError(f"no teacher cache at {path} (missing {MANIFEST})")
-        cache = cls(path, json.loads(manifest_file.read_text()))
+        cache = cls(path, _read_manifest(manifest_file))
         if not cache.manifest.get("complete"):
             raise CacheDamagedError(f"teacher cache {path} is incomplete; rerun the teacher stage to finish it")
         damaged = [i for i in range(cache.chunks) if not cache.chunk_ok(i)]
