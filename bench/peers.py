@@ -141,6 +141,8 @@ def plot(report: dict, path: Path) -> None:
                 ax.scatter(seconds, row["ndcg_at_10"][mode], marker=marker, s=60, color=f"C{index}")
                 ax.annotate(f"{name} ({mode})", (seconds, row["ndcg_at_10"][mode]), fontsize=8,
                             xytext=(5, 3), textcoords="offset points")
+    longest = max(row.get("wall_s", row.get("distill_s")) for row in report["results"].values())
+    ax.set_xlim(0, longest * 1.45)  # room for the labels of the rightmost points
     ax.axhline(report["teacher"]["ndcg_at_10"], color="gray", linestyle="--", label="teacher")
     ax.set_xlabel("wall time to make the model (s)")
     ax.set_ylabel(f"{report['setup']['dataset']} nDCG@10")
