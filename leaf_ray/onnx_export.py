@@ -5,7 +5,8 @@ ONNX graph, traced with torch.onnx (the torch.export-based exporter) with dynami
 to the model's tokenizer.json and `leaf_onnx.json` (max length, prompts, padding token, graph inputs). By default
 the graph is then rewritten with onnxscript's onnxruntime fusions (Attention, SkipLayerNormalization, BiasGelu):
 on 2 CPU cores a small encoder's short queries spend much of their time in the many small ops of unfused
-attention, and the fused kernels make a MiniLM leaf ~15-30% faster (bench/serving.py measures both graphs).
+attention, and the fused kernels made a MiniLM leaf ~10% faster on queries and ~27% on documents (bench/serving.py
+measures both graphs).
 `OnnxEncoder` serves that directory with onnxruntime and the `tokenizers` library only (no torch), and its
 `encode` takes the arguments of SentenceTransformer.encode that serving uses, so the two paths are drop-in
 replacements for each other. Tokenisation matches sentence-transformers': the prompt is prefixed to the text,
