@@ -35,6 +35,7 @@ import torch
 from leaf_ray.bench import measure_encoders
 from leaf_ray.config import DEFAULT_CONFIG, RunConfig, load_config, with_values
 from leaf_ray.data import build_mix
+from leaf_ray.inputs import collect, training_inputs
 from leaf_ray.evaluate import (
     MODES,
     build_sources,
@@ -50,7 +51,6 @@ from leaf_ray.train import (
     prepare_initial_student,
     total_steps,
     train_student,
-    training_inputs,
     worker_threads,
 )
 
@@ -192,12 +192,12 @@ def main(argv=None) -> dict:
     inputs, teacher_s, _ = timed(training_inputs, cfg, texts)
     steps = total_steps(cfg.train, inputs.train_rows)
     init_dir, init_s, _ = timed(prepare_initial_student, cfg, inputs.teacher_dim, inputs.train)
+    train_rows = collect(inputs.train)  # sentence-transformers' trainer holds its data in memory
     init_dir = Path(init_dir.native())  # runs_root is the local work folder
     val = TeacherRows.of(inputs.val)
 
-    trained, leaf_s, leaf_load = timed(train_student, cfg, inputs.train, inputs.val, inputs.teacher_dim,
-                                       train_rows=inputs.train_rows)
-    st_path, st_s, st_load = timed(st_recipe, cfg, init_dir, inputs.train, steps, work / "sentence-transformers")
+    trained, leaf_s, leaf_load = timed(train_student, cfg, inputs)
+    st_path, st_s, st_load = timed(st_recipe, cfg, init_dir, train_rows, steps, work / "sentence-transformers")
     st_val = evaluate(load_student(st_path), val, cfg.train.loss)
     static, m2v_s, m2v_load = timed(model2vec_distill, cfg, work / "model2vec")
 

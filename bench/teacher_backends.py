@@ -23,6 +23,7 @@ import numpy as np
 
 from leaf_ray.config import DataConfig, DataSource, TeacherConfig
 from leaf_ray.data import build_mix
+from leaf_ray.inputs import collect
 from leaf_ray.models import MINILM_ID, resolve_model
 from leaf_ray.teacher import stage
 from leaf_ray.teacher.vllm_server import start_vllm_server, stop_process_group
@@ -58,16 +59,16 @@ def main() -> None:
     args = parser.parse_args()
 
     n_docs = int(args.texts * args.documents)
-    table, _ = build_mix(DataConfig(sources=[DataSource(path="train-text/texts.jsonl.gz",
-                                                        limit_queries=args.texts - n_docs, limit_documents=n_docs)]))
+    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    table = collect(build_mix(DataConfig(sources=[DataSource(
+        path="train-text/texts.jsonl.gz", limit_queries=args.texts - n_docs, limit_documents=n_docs)]))[0])
     base = TeacherConfig(model=MINILM_ID, query_prompt="query: ", max_length=args.max_length, batch_size=64,
                          chunk_rows=512, num_cpus_per_actor=1, torch_threads=args.threads)
     configs = {
         "transformers": base,
         "vllm_in_process": base.model_copy(update={"backend": "vllm"}),
     }
-    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     results, vectors = {}, {}
     load_before = round(os.getloadavg()[0], 1)
     for name, cfg in configs.items():

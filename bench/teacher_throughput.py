@@ -22,6 +22,7 @@ import torch
 
 from leaf_ray.config import DataConfig, DataSource, TeacherConfig
 from leaf_ray.data import build_mix
+from leaf_ray.inputs import collect
 from leaf_ray.models import MINILM_ID, load_sentence_transformer
 from leaf_ray.teacher import stage
 
@@ -46,7 +47,7 @@ def plain_loop(texts: list[str], kinds: list[str], cfg: TeacherConfig) -> dict:
 
 
 def ray_stage(table, cfg: TeacherConfig) -> dict:
-    """The real stage users run: actor pool + driver-side atomic cache writes, into a fresh cache."""
+    """The real stage users run: chunk planning, grouping, the actor pool writing its parts, into a fresh cache."""
     with tempfile.TemporaryDirectory() as cache_root:
         start = time.perf_counter()
         run = stage.build_cache(table, cfg, cache_root).manifest["last_run"]
@@ -77,15 +78,15 @@ def main() -> None:
     args = parser.parse_args()
 
     n_docs = int(args.texts * args.documents)
-    table, _ = build_mix(DataConfig(sources=[DataSource(path="train-text/texts.jsonl.gz", limit_queries=args.texts - n_docs,
-                                                        limit_documents=n_docs)]))
-    cfg = TeacherConfig(model=args.model, torch_threads=args.threads, num_cpus_per_actor=1, batch_size=64,
-                        chunk_rows=1024)
-    texts, kinds = table.column("text").to_pylist(), table.column("kind").to_pylist()
     ray_init_start = time.perf_counter()
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_init_s = time.perf_counter() - ray_init_start
+    table = collect(build_mix(DataConfig(sources=[DataSource(
+        path="train-text/texts.jsonl.gz", limit_queries=args.texts - n_docs, limit_documents=n_docs)]))[0])
+    cfg = TeacherConfig(model=args.model, torch_threads=args.threads, num_cpus_per_actor=1, batch_size=64,
+                        chunk_rows=1024)
+    texts, kinds = table.column("text").to_pylist(), table.column("kind").to_pylist()
 
     runs = {"plain": [], "ray": []}
     for round_index in range(args.rounds):  # alternate so drift in machine load hits both alike

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from leaf_ray.config import DataConfig, DataSource, RunConfig, StorageConfig, StudentConfig, TeacherConfig, TrainConfig
-from leaf_ray.data import build_mix, split_validation
+from leaf_ray.data import build_mix
+from leaf_ray.inputs import TrainingInputs, split_table
 from leaf_ray.models import MINILM_ID
 from leaf_ray.student import TeacherRows, build_student, freeze_unused_parameters
-from leaf_ray.train import (length_grouped_batches, make_optimizer, make_scheduler, shuffle_rows, train_step,
+from leaf_ray.train import (length_grouped_batches, make_optimizer, make_scheduler, train_step,
                             train_student, worker_threads)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,8 +74,8 @@ def plain_loop(cfg: RunConfig, train, teacher_dim: int) -> dict:
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, cfg.train.max_steps)
     size, records = cfg.train.batch_size, []
-    batches = list(length_grouped_batches(table_pools(shuffle_rows(train, cfg.train.seed), size * GROUP), size,
-                                          cfg.train.seed))
+    shuffled = train.take(np.random.default_rng(cfg.train.seed).permutation(len(train)))
+    batches = list(length_grouped_batches(table_pools(shuffled, size * GROUP), size, cfg.train.seed))
     for step in range(1, cfg.train.max_steps + 1):
         batch = TeacherRows.of(batches[(step - 1) % len(batches)])
         train_step(model, model, batch, optimizer, scheduler, cfg.train, torch.device("cpu"))
@@ -85,7 +86,7 @@ def plain_loop(cfg: RunConfig, train, teacher_dim: int) -> dict:
 
 def ray_run(cfg: RunConfig, train, val, teacher_dim: int) -> dict:
     started = time.time()
-    result = train_student(cfg, train, val, teacher_dim)
+    result = train_student(cfg, TrainingInputs.in_memory(train, val, teacher_dim, cfg.train.seed))
     logs = [r for r in result.history() if r["event"] == "log"]
     return {"steady_samples_per_s": steady_rate(logs, cfg.train.batch_size * cfg.train.num_workers),
             "wall_s": time.time() - started, "worker_samples_per_s": result.samples_per_s}
@@ -108,12 +109,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="leaf-train-bench-"))
     base = run_config(args, "plain", 1, work)
-    texts, _ = build_mix(base.data)
     init_ray(base.ray.model_copy(update={"num_cpus": os.cpu_count()}))
     ray.data.DataContext.get_current().enable_progress_bars = False
+    texts, _ = build_mix(base.data)
     cache = build_cache(texts, base.teacher, base.storage.cache_path())
-    rows = cache.read_table()
-    train, val = split_validation(rows, base.data.validation_size, base.data.seed)
+    train, val = split_table(cache.read_table(), base.data.validation_size, base.data.seed)
     load_before = os.getloadavg()
 
     setups = {"plain loop": 0, "ray train, 1 worker": 1, "ray train, 2 workers": 2}  # name: Ray workers

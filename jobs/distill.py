@@ -14,12 +14,13 @@ from leaf_ray.bench import measure_encoders
 from leaf_ray.config import parse_args
 from leaf_ray.data import build_mix
 from leaf_ray.evaluate import build_sources, load_beir, run_evaluation
+from leaf_ray.inputs import training_inputs
 from leaf_ray.models import load_sentence_transformer
 from leaf_ray.report import headline, write_report
 from leaf_ray.runs import RunFolder
 from leaf_ray.runtime import init_ray
 from leaf_ray.student import read_manifest, update_manifest
-from leaf_ray.train import train_student, training_inputs
+from leaf_ray.train import train_student
 
 
 def serving_throughput(cfg, student_path) -> dict:
@@ -48,7 +49,7 @@ def main(argv=None) -> dict:
         texts, mix = build_mix(cfg.data)
         inputs = training_inputs(cfg, texts)
     with run.stage("train"):
-        trained = train_student(cfg, inputs.train, inputs.val, inputs.teacher_dim, train_rows=inputs.train_rows)
+        trained = train_student(cfg, inputs)
     with run.stage("evaluate"):
         sources = build_sources(str(trained.student_path), cfg.teacher, cfg.storage.local_cache_path(),
                                 cfg.evaluate.batch_size, cfg.allow_hub, teacher_cache=cfg.storage.cache_location())

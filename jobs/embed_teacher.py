@@ -14,9 +14,9 @@ from leaf_ray.teacher import build_cache
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg, _ = parse_args(argv, description=__doc__)
-    texts, report = build_mix(cfg.data)
-    print(f"text mix: {len(texts)} rows {report.as_dict()}")
     init_ray(cfg.ray)
+    texts, report = build_mix(cfg.data)
+    print(f"text mix: {report.as_dict()}")
     cache = build_cache(texts, cfg.teacher, cfg.storage.cache_location(), allow_hub=cfg.allow_hub,
                         model_root=cfg.storage.local_cache_path())
     print(f"teacher cache: {cache.path}  ({cache.manifest['rows']} rows, dim {cache.dim}, "

@@ -13,7 +13,7 @@ from leaf_ray.config import parse_args
 from leaf_ray.data import build_mix
 from leaf_ray.runs import RunFolder
 from leaf_ray.runtime import init_ray
-from leaf_ray.train import training_inputs
+from leaf_ray.inputs import training_inputs
 from leaf_ray.tune import (
     FRONT_DIR,
     SweepInterrupted,

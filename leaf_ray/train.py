@@ -37,21 +37,16 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
 from leaf_ray.config import RunConfig, TrainConfig
-from leaf_ray.data import split_validation, to_dataset
+from leaf_ray.inputs import TrainingInputs
 from leaf_ray.runs import RunFolder
 from leaf_ray.storage import StoragePath, local_copy
 from leaf_ray.student import (MANIFEST_NAME, TeacherRows, build_student, export_student, forward_texts,
                               freeze_unused_parameters, load_flags, load_student, student_manifest,
                               teacher_parameter_count)
-
-ROWS_PER_BLOCK = 1024  # Ray Data block size for an in-memory training table
-
 
 class TrainError(ValueError):
     """A training setup that cannot work; the message names the config field."""
@@ -377,11 +372,6 @@ def run_dir_for(cfg: RunConfig) -> Path:
     return RunFolder(cfg).path
 
 
-def shuffle_rows(table: pa.Table, seed: int) -> pa.Table:
-    """A seeded row permutation: the text mix is sorted by kind and length, training wants it mixed."""
-    return table.take(np.random.default_rng(seed).permutation(len(table)))
-
-
 def length_grouped_batches(pools, batch_size: int, seed: int):
     """Re-cut pools of shuffled rows (numpy column dicts) into batches of similar text length, in a seeded
     random order.
@@ -413,11 +403,9 @@ def total_steps(cfg: TrainConfig, train_rows: int) -> int:
     return min(cfg.epochs * per_epoch, cfg.max_steps or cfg.epochs * per_epoch)
 
 
-def projection_sample(train, size: int, seed: int) -> TeacherRows:
-    """Rows for the lstsq head: a seeded sample of a table, or the first rows of a (streamed) dataset."""
-    if isinstance(train, pa.Table):
-        keep = np.sort(np.random.default_rng(seed).permutation(len(train))[:size])
-        return TeacherRows.of(train.take(keep))
+def projection_sample(train, size: int) -> TeacherRows:
+    """Rows for the lstsq head: the first rows of the training dataset, a random sample of the mix (cache parts
+    are random samples in random row order; an in-memory table is shuffled)."""
     return TeacherRows.of(train.take_batch(size, batch_format="numpy"))
 
 
@@ -434,7 +422,7 @@ def prepare_initial_student(cfg: RunConfig, teacher_dim: int, train) -> StorageP
                              f"(student {stored[0]}, teacher {stored[1]}, dim {stored[2]}); pick a new `name` "
                              "or delete that folder")
         return path
-    sample = (projection_sample(train, cfg.student.projection_init_samples, cfg.train.seed)
+    sample = (projection_sample(train, cfg.student.projection_init_samples)
               if cfg.student.projection_init == "lstsq" else None)
     models = cfg.storage.local_cache_path()
     model = build_student(cfg.student, cfg.teacher, teacher_dim, sample=sample, cache_root=models,
@@ -472,14 +460,11 @@ def make_trainer(cfg: RunConfig, train_ds, loop_config: dict, callbacks=()):
     )
 
 
-def train_student(cfg: RunConfig, train, val, teacher_dim: int, *, train_rows: int | None = None,
-                  trace_ids: bool = False, callbacks=()) -> TrainResult:
-    """Train (or resume) the run `cfg.name` and export its final student.
+def train_student(cfg: RunConfig, inputs: TrainingInputs, *, trace_ids: bool = False, callbacks=()) -> TrainResult:
+    """Train (or resume) the run `cfg.name` on `inputs` (leaf_ray.inputs) and export its final student.
 
-    train: a pyarrow table of cached rows (id, text, kind, embedding), shuffled here with `train.seed`, or a
-      Ray Dataset with those columns (e.g. the live teacher stream), used in its own order.
-    val: held-out rows with teacher vectors (table or TeacherRows), evaluated at start, every epoch and end.
-    train_rows: rows in `train` when it is a Dataset (else counted, which runs a lazy dataset once).
+    The workers read `inputs.train` as Ray Train dataset shards, in its own order; `inputs.val` is evaluated at
+    start, every epoch and end.
     trace_ids: return the ids each worker trained on (audits, tests).
     callbacks: Ray Train UserCallbacks for the trainer (make_trainer).
     """
@@ -488,15 +473,12 @@ def train_student(cfg: RunConfig, train, val, teacher_dim: int, *, train_rows: i
     run = RunFolder(cfg)
     run_dir = run.path
     run_dir.mkdir(parents=True, exist_ok=True)
-    init_dir = prepare_initial_student(cfg, teacher_dim, train)
-    if isinstance(train, pa.Table):
-        train_rows = len(train)
-        train = to_dataset(shuffle_rows(train, cfg.train.seed), ROWS_PER_BLOCK)
-    steps = total_steps(cfg.train, train_rows if train_rows is not None else train.count())
+    init_dir = prepare_initial_student(cfg, inputs.teacher_dim, inputs.train)
+    steps = total_steps(cfg.train, inputs.train_rows)
     loop_config = {"cfg": cfg.model_dump(), "init_dir": init_dir, "total_steps": steps,
-                   "val": ray.put(TeacherRows.of(val)), "history": run.location / "metrics.jsonl",
+                   "val": ray.put(TeacherRows.of(inputs.val)), "history": run.location / "metrics.jsonl",
                    "trace_ids": trace_ids}
-    result = make_trainer(cfg, train, loop_config, callbacks).fit()
+    result = make_trainer(cfg, inputs.train, loop_config, callbacks).fit()
     summary = result.return_value
     with result.checkpoint.as_directory() as directory:
         manifest = json.loads((init_dir / MANIFEST_NAME).read_text())
@@ -510,34 +492,3 @@ def train_student(cfg: RunConfig, train, val, teacher_dim: int, *, train_rows: i
                        history_path=run_dir / "metrics.jsonl", steps=summary["final"]["step"],
                        samples_per_s=summary["final"]["samples_per_s"], metrics=summary["final"],
                        start=summary["start"], ids_by_rank=summary["ids_by_rank"])
-
-
-# -- inputs for a job ------------------------------------------------------------------------------------
-
-@dataclass
-class TrainingInputs:
-    train: object  # pa.Table (cache mode) or ray.data.Dataset (stream mode)
-    val: pa.Table
-    teacher_dim: int
-    train_rows: int
-
-
-def training_inputs(cfg: RunConfig, texts: pa.Table) -> TrainingInputs:
-    """Split the text mix into train/validation (`data.validation_size`) and attach teacher vectors:
-    `train.mode: cache` embeds the whole mix into the reusable cache; `stream` caches only the validation
-    rows and streams the training rows through the teacher actors while the workers train.
-    An unwritable run folder or cache root fails here, before the teacher stage, not after it."""
-    from leaf_ray.teacher import build_cache, embed_dataset
-
-    RunFolder(cfg).check_writable()
-    cache_root, models = cfg.storage.cache_location(), cfg.storage.local_cache_path()
-    train_texts, val_texts = split_validation(texts, cfg.data.validation_size, cfg.data.seed)
-    if cfg.train.mode == "cache":
-        cache = build_cache(texts, cfg.teacher, cache_root, cfg.allow_hub, models)
-        rows = cache.read_table()
-        held = pc.is_in(rows.column("id"), value_set=val_texts.column("id"))
-        return TrainingInputs(rows.filter(pc.invert(held)), rows.filter(held), cache.dim, len(train_texts))
-    val_cache = build_cache(val_texts, cfg.teacher, cache_root, cfg.allow_hub, models)
-    stream = embed_dataset(to_dataset(shuffle_rows(train_texts, cfg.train.seed), ROWS_PER_BLOCK), cfg.teacher,
-                           models, cfg.allow_hub)
-    return TrainingInputs(stream, val_cache.read_table(), val_cache.dim, len(train_texts))

@@ -233,7 +233,7 @@ def teacher_validation(cfg: RunConfig) -> list[dict]:
     return validation_records(cfg, {"teacher": teacher}, {"teacher": MODES["teacher"]})
 
 
-def run_trial(params: dict, *, cfg_tree: dict, train, val, teacher_dim: int) -> None:
+def run_trial(params: dict, *, cfg_tree: dict, inputs) -> None:
     """The Tune function trainable: train one student with Ray Train (resuming its run if a restored sweep
     restarts it), evaluate it on the validation split, write trial.json and report the final metrics."""
     import ray.tune
@@ -244,8 +244,8 @@ def run_trial(params: dict, *, cfg_tree: dict, train, val, teacher_dim: int) -> 
 
     cfg = trial_config(RunConfig.model_validate(cfg_tree), params, ray.tune.get_context().get_trial_id())
     torch.set_num_threads(max(1, math.ceil(cfg.sweep.cpus_per_trial)))
-    last_step = total_steps(cfg.train, len(train))
-    trained = train_student(cfg, train, val, teacher_dim, callbacks=[AlignmentReportCallback(last_step)])
+    last_step = total_steps(cfg.train, inputs.train_rows)
+    trained = train_student(cfg, inputs, callbacks=[AlignmentReportCallback(last_step)])
     sources = build_sources(str(trained.student_path), cfg.teacher, cfg.storage.local_cache_path(),
                             cfg.evaluate.batch_size, cfg.allow_hub, teacher_cache=cfg.storage.cache_location())
     records = validation_records(cfg, sources, TRIAL_MODES)
@@ -274,8 +274,7 @@ def make_tuner(cfg: RunConfig, inputs, configs: Sequence[RunConfig]):
     from leaf_ray.train import total_steps
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, cfg_tree=cfg.model_dump(), train=inputs.train, val=inputs.val,
-                             teacher_dim=inputs.teacher_dim),
+        tune.with_parameters(run_trial, cfg_tree=cfg.model_dump(), inputs=inputs),
         {"CPU": cfg.sweep.cpus_per_trial})
     path = sweep_dir(cfg) / TUNE_DIR
     if tune.Tuner.can_restore(str(path)):

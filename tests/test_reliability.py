@@ -35,11 +35,14 @@ import yaml
 
 from leaf_ray.config import TeacherConfig, load_config, with_values
 from leaf_ray.data import build_mix
+from leaf_ray.hashing import chunk_of
+from leaf_ray.inputs import collect, training_inputs
 from leaf_ray.storage import StorageError
 from leaf_ray.teacher import CacheMismatchError, build_cache
 from leaf_ray.teacher.cache import MANIFEST, CacheDamagedError, TeacherCache
+from leaf_ray.teacher.chunks import plan_table
 from leaf_ray.teacher.stage import cache_path_for
-from leaf_ray.train import train_student, training_inputs
+from leaf_ray.train import train_student
 from tests.conftest import DATA_ROOT, REPO, build_tiny_bert, random_texts
 
 pytestmark = pytest.mark.timeout(600)
@@ -74,8 +77,9 @@ def job(tiny_teacher, tmp_path_factory) -> SimpleNamespace:
     config = tmp / "job.yaml"
     config.write_text(yaml.safe_dump(tree))
     texts, _ = build_mix(load_config(config).data)
-    assert len(texts) == TEXTS
-    return SimpleNamespace(tmp=tmp, config=config, texts=texts)
+    table = collect(texts)
+    assert len(table) == TEXTS
+    return SimpleNamespace(tmp=tmp, config=config, texts=texts, table=table)
 
 
 def where(tmp: Path, name: str) -> list[str]:
@@ -88,7 +92,7 @@ def reference(ray_local, job) -> SimpleNamespace:
     """The undisturbed run every faulted one is compared with: its teacher cache and trained student."""
     cfg = load_config(job.config)
     inputs = training_inputs(cfg, job.texts)
-    result = train_student(cfg, inputs.train, inputs.val, inputs.teacher_dim, train_rows=inputs.train_rows)
+    result = train_student(cfg, inputs)
     history = result.history()
     assert result.steps == STEPS and history[-1]["val_loss"] < 0.5 * history[0]["val_loss"]  # it learns
     cache = build_cache(job.texts, cfg.teacher, cfg.storage.cache_location())  # complete: only opened
@@ -97,11 +101,21 @@ def reference(ray_local, job) -> SimpleNamespace:
 
 
 def assert_same_cache(cache: TeacherCache, reference: SimpleNamespace) -> None:
-    """Every input id exactly once, in the input's order, with the undisturbed run's vectors."""
+    """Every input id exactly once, in the same parts and order, with the undisturbed run's vectors."""
     ids = cache.read_table(["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == TEXTS
     assert ids == reference.cache.read_table(["id"]).column("id").to_pylist()
     np.testing.assert_allclose(cache.embeddings(), reference.vectors, atol=1e-6)
+
+
+def rows_of(cache_dir: Path, chunks) -> int:
+    """Rows the manifest at `cache_dir` plans for `chunks`."""
+    sizes = json.loads((Path(cache_dir) / MANIFEST).read_text())["chunk_sizes"]
+    return sum(sizes[i] for i in chunks)
+
+
+def chunk_index(part: Path) -> int:
+    return int(part.stem.split("-")[1])
 
 
 def assert_trained_like(result, reference: SimpleNamespace, texts: pa.Table) -> None:
@@ -183,7 +197,7 @@ def test_killed_training_worker_restarts_from_its_last_checkpoint(reference, job
 
     killer = KillWhen("RayTrainWorker", checkpointed)
     try:
-        result = train_student(cfg, inputs.train, inputs.val, inputs.teacher_dim, train_rows=inputs.train_rows)
+        result = train_student(cfg, inputs)
     finally:
         killer.stop.set()
     assert len(killer.killed) == 1, f"no training worker was killed mid-run: {killer.killed}"
@@ -194,7 +208,7 @@ def test_killed_training_worker_restarts_from_its_last_checkpoint(reference, job
     resumed = starts[1]["step"]
     assert resumed >= killed_at and resumed % CHECKPOINT_EVERY == 0
     assert result.start["step"] == resumed and result.metrics["steps_this_run"] == result.steps - resumed
-    assert_trained_like(result, reference, job.texts)
+    assert_trained_like(result, reference, job.table)
 
 
 # -- 2. a teacher actor dies ---------------------------------------------------------------------------------
@@ -202,8 +216,8 @@ def test_killed_training_worker_restarts_from_its_last_checkpoint(reference, job
 @pytest.mark.timeout(600)
 def test_killed_teacher_actor_loses_and_duplicates_no_row(reference, job, tmp_path):
     cfg = reference.cfg.teacher
-    cache_dir, _ = cache_path_for(job.texts, cfg, tmp_path)
-    killer = KillWhen("TeacherEmbedder", lambda: len(cache_parts(cache_dir)) >= 3)
+    cache_dir = cache_path_for(job.texts, cfg, tmp_path)
+    killer = KillWhen("CacheWriter", lambda: len(cache_parts(cache_dir)) >= 3)
     try:
         cache = build_cache(job.texts, cfg, tmp_path)
     finally:
@@ -253,7 +267,7 @@ def test_interrupted_job_resumes_only_the_missing_work(reference, job, tmp_path,
     each rerun recomputes exactly the chunks and steps that were missing, and the result is the undisturbed one."""
     overrides = where(tmp_path, "interrupted")
     cfg = load_config(job.config, overrides)
-    cache_dir, _ = cache_path_for(job.texts, cfg.teacher, cfg.storage.cache_root)
+    cache_dir = cache_path_for(job.texts, cfg.teacher, cfg.storage.cache_root)
     run_dir = tmp_path / "runs" / "interrupted"
 
     status = interrupt_job(job, overrides, teacher_signal, lambda: len(cache_parts(cache_dir)) >= 3,
@@ -261,6 +275,7 @@ def test_interrupted_job_resumes_only_the_missing_work(reference, job, tmp_path,
     assert status != 0
     kept = {part.name: part.stat().st_mtime_ns for part in cache_parts(cache_dir)}
     assert 3 <= len(kept) < TEXTS // CHUNK and not json.loads((cache_dir / MANIFEST).read_text())["complete"]
+    kept_rows = rows_of(cache_dir, [chunk_index(cache_dir / name) for name in kept])
     assert not run_dir.exists() or registered_checkpoint_step(run_dir) is None  # training never started
 
     status = interrupt_job(job, overrides, train_signal,
@@ -268,19 +283,19 @@ def test_interrupted_job_resumes_only_the_missing_work(reference, job, tmp_path,
                            tmp_path / "second.log")
     assert status != 0
     stats = json.loads((cache_dir / MANIFEST).read_text())["last_run"]
-    assert stats["chunks_reused"] == len(kept) and stats["rows_computed"] == TEXTS - len(kept) * CHUNK
+    assert stats["chunks_reused"] == len(kept) and stats["rows_computed"] == TEXTS - kept_rows
     assert {part.name: part.stat().st_mtime_ns for part in cache_parts(cache_dir) if part.name in kept} == kept
     stopped_at = registered_checkpoint_step(run_dir)
     assert stopped_at < reference.result.steps
 
     finished = json.loads((cache_dir / MANIFEST).read_text())["finished"]
     inputs = training_inputs(cfg, job.texts)
-    result = train_student(cfg, inputs.train, inputs.val, inputs.teacher_dim, train_rows=inputs.train_rows)
+    result = train_student(cfg, inputs)
     assert json.loads((cache_dir / MANIFEST).read_text())["finished"] == finished  # the teacher did not run again
     assert result.start["resumed"] and result.start["step"] == stopped_at
     assert result.metrics["steps_this_run"] == reference.result.steps - stopped_at
     assert_same_cache(TeacherCache.load(cache_dir), reference)
-    assert_trained_like(result, reference, job.texts)
+    assert_trained_like(result, reference, job.table)
 
 
 # -- 4. corrupted or partial caches ---------------------------------------------------------------------------
@@ -305,22 +320,32 @@ def test_parts_of_the_wrong_width_or_row_count_are_recomputed_alone_or_refused(r
     with pytest.raises(CacheDamagedError, match=r"parts \[1, 3\]"):
         TeacherCache.load(cache.path)
     repaired = build_cache(job.texts, teacher, tmp_path)
-    assert repaired.manifest["last_run"].items() >= {"chunks_computed": 2, "rows_computed": 2 * CHUNK,
-                                                     "chunks_reused": TEXTS // CHUNK - 2}.items()
+    assert repaired.manifest["last_run"].items() >= {"chunks_computed": 2, "rows_computed": rows_of(cache.path, [1, 3]),
+                                                     "chunks_reused": cache.chunks - 2}.items()
     assert_same_cache(repaired, reference)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_a_part_counts_only_with_the_cache_dimension_and_dtype(tmp_path, dtype):
-    cache = TeacherCache.open(tmp_path, TeacherConfig(model="m", cache_dtype=dtype), "data", rows=4, chunk_rows=2)
+    rows = pa.table({"id": [f"r{i}" for i in range(40)], "text": [f"text {i}" for i in range(40)],
+                     "kind": ["query"] * 40})
+    cache = TeacherCache.open(tmp_path, TeacherConfig(model="m", cache_dtype=dtype), plan_table(rows, 2), chunk_rows=20)
     cache.set_dim(3)
-    cache.write_chunk(0, ["a", "b"], ["x", "y"], ["query", "query"], np.ones((2, 3)))
+    chunk = chunk_of(rows.column("id").to_pylist(), 2)
+
+    def write(target: TeacherCache, index: int, dim: int) -> None:
+        part = rows.filter(pa.array(chunk == index))
+        target.write_chunk(index, *(part.column(c).to_pylist() for c in ("id", "text", "kind")),
+                           np.ones((len(part), dim)))
+
+    write(cache, 0, 3)
     assert cache.chunk_ok(0) and cache.missing_chunks() == [1]
     other = "float16" if dtype == "float32" else "float32"
-    for manifest, vectors in ((cache.manifest | {"dtype": other}, np.ones((2, 3))),
-                              (cache.manifest | {"dim": 4}, np.ones((2, 4)))):
-        TeacherCache(cache.location, manifest).write_chunk(1, ["c", "d"], ["z", "w"], ["query", "query"], vectors)
+    for manifest, dim in ((cache.manifest | {"dtype": other}, 3), (cache.manifest | {"dim": 4}, 4)):
+        write(TeacherCache(cache.location, manifest), 1, dim)
         assert not cache.chunk_ok(1) and cache.missing_chunks() == [1]
+    with pytest.raises(CacheDamagedError, match="chunk 1: got 1 rows that are not the chunk's"):
+        cache.write_chunk(1, ["r0"], ["text 0"], ["query"], np.ones((1, 3)))
 
 
 def test_manifest_row_count_mismatch_is_refused(reference, job, tmp_path):
@@ -372,14 +397,16 @@ def test_a_teacher_returning_nan_is_refused_before_the_cache(ray_local, tmp_path
     model = build_tiny_bert(tmp_path / "nan-teacher")
     poison_word(model, "protein")
     texts = [t.replace("protein", "gene") for t in random_texts(96, seed=4)]
-    texts[70] += " protein"  # one text of chunk 4 meets the NaN weights
+    texts[70] += " protein"  # one text meets the NaN weights
     table = small_table(texts)
     cfg = small_teacher(model)
     with pytest.raises(Exception, match=r"returned NaN/Inf for 1 of \d+ texts"):
         build_cache(table, cfg, tmp_path / "cache")
-    cache_dir, _ = cache_path_for(table, cfg, tmp_path / "cache")
-    assert not json.loads((cache_dir / MANIFEST).read_text())["complete"]
-    assert not (cache_dir / "part-00004.parquet").exists()
+    cache_dir = cache_path_for(table, cfg, tmp_path / "cache")
+    manifest = json.loads((cache_dir / MANIFEST).read_text())
+    assert not manifest["complete"]
+    poisoned = chunk_of(["x70"], manifest["chunks"])[0]
+    assert not (cache_dir / f"part-{poisoned:05d}.parquet").exists()
     for part in cache_parts(cache_dir):  # whatever was written before the failure is whole and finite
         assert np.isfinite(np.stack(pq.read_table(part).column("embedding").to_numpy(zero_copy_only=False))).all()
 
@@ -395,7 +422,7 @@ def test_a_teacher_of_the_wrong_dimension_is_refused_before_the_cache(ray_local,
     cfg = small_teacher(model)
     with pytest.raises(Exception, match=r"returned shape \(\d+, 32\), expected \(\d+, 48\)"):
         build_cache(table, cfg, tmp_path / "cache")
-    cache_dir, _ = cache_path_for(table, cfg, tmp_path / "cache")
+    cache_dir = cache_path_for(table, cfg, tmp_path / "cache")
     assert not cache_parts(cache_dir)
 
 
@@ -419,10 +446,10 @@ def test_empty_and_overlong_texts_are_embedded_truncated_and_counted(ray_local, 
     table = small_table(texts, kinds)
     cache = build_cache(table, small_teacher(tiny_teacher), tmp_path)
     assert cache.manifest["last_run"]["truncated_texts"] == 3
-    vectors = cache.embeddings()
+    vectors = cache.vectors_for(table.column("id").to_pylist())
     assert np.isfinite(vectors).all() and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     np.testing.assert_allclose(vectors[-3], vectors[-2], atol=1e-6)  # only the first 64 tokens count
-    assert cache.read_table(["id"]).column("id").to_pylist() == table.column("id").to_pylist()
+    assert sorted(cache.read_table(["id"]).column("id").to_pylist()) == sorted(table.column("id").to_pylist())
 
 
 # -- 6. secrets ----------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from leaf_ray.config import StudentConfig
-from leaf_ray.data import split_validation
+from leaf_ray.inputs import split_table
 from leaf_ray.student import (MANIFEST_NAME, StudentError, TeacherRows, build_student, count_parameters,
                               export_student, forward_texts, freeze_unused_parameters, read_manifest,
                               safetensors_parameter_count, student_manifest, update_manifest)
@@ -32,7 +32,7 @@ def layer_params(hidden: int) -> int:
 
 @pytest.fixture(scope="module")
 def sample(tiny_cache):
-    train, held_out = split_validation(tiny_cache, 48, seed=0)
+    train, held_out = split_table(tiny_cache, 48, seed=0)
     return TeacherRows.of(train), TeacherRows.of(held_out)
 
 

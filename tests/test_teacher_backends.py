@@ -272,7 +272,7 @@ def test_endpoint_failure_mid_stage_leaves_only_whole_parts(ray_local, fake_serv
     with pytest.raises(Exception, match=r"endpoint http://127\.0\.0\.1:\d+/v1/embeddings .*HTTP 503") as err:
         build_cache(table, cfg, tmp_path)
     assert isinstance(err.value, EndpointError) or "EndpointError" in str(err.value)
-    cache_dir, _ = cache_path_for(table, cfg, tmp_path)
+    cache_dir = cache_path_for(table, cfg, tmp_path)
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert not manifest["complete"]
     cache = TeacherCache(cache_dir, manifest)
@@ -284,7 +284,7 @@ def test_endpoint_failure_mid_stage_leaves_only_whole_parts(ray_local, fake_serv
     assert done.complete and done.manifest["last_run"]["chunks_reused"] == len(parts)
     expected = unit([fake_vector(cfg.prompt_for(k) + t) for t, k in
                      zip(table.column("text").to_pylist(), table.column("kind").to_pylist())])
-    np.testing.assert_allclose(done.embeddings(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(done.vectors_for(table.column("id").to_pylist()), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.timeout(300)
@@ -386,14 +386,15 @@ def vllm_ready():
 
 
 @pytest.fixture(scope="module")
-def minilm_table(data_root) -> pa.Table:
+def minilm_table(ray_local, data_root) -> pa.Table:
     """~300 real train-text rows plus long documents that exceed max_length (truncation must match)."""
     from leaf_ray.config import DataConfig, DataSource
     from leaf_ray.data import build_mix
+    from leaf_ray.inputs import collect
 
     data = DataConfig(root=str(data_root), sources=[DataSource(path="train-text/texts.jsonl.gz", limit_queries=200,
                                                                limit_documents=100)])
-    table, _ = build_mix(data)
+    table = collect(build_mix(data)[0])
     long = random_texts(12, seed=9, min_words=250, max_words=400)
     extra = pa.table({"id": [f"long{i}" for i in range(len(long))], "text": long, "kind": ["document"] * len(long)})
     return pa.concat_tables([table.select(["id", "text", "kind"]), extra])
@@ -417,7 +418,7 @@ def vllm_minilm(vllm_ready, ray_local, minilm_table, tmp_path_factory):
 @pytest.mark.timeout(900)
 def test_vllm_stage_equals_transformers_backend(vllm_minilm, ray_local, minilm_table, tmp_path):
     ids = vllm_minilm.read_table().column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == len(minilm_table) and ids == minilm_table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(minilm_table) and sorted(ids) == sorted(minilm_table.column("id").to_pylist())
     assert vllm_minilm.complete and vllm_minilm.dim == 384
     assert vllm_minilm.manifest["teacher"]["backend"] == "vllm"
     reference = build_cache(minilm_table, minilm_cfg(), tmp_path)
@@ -436,8 +437,9 @@ def test_vllm_matryoshka_dimensions(vllm_minilm, ray_local, minilm_table, tmp_pa
     cfg = minilm_cfg(backend="vllm", chunk_rows=64, vllm={"dimensions": 128, "hf_overrides": {"is_matryoshka": True}})
     cut = build_cache(table, cfg, tmp_path)
     assert cut.dim == 128 and cut.manifest["teacher"]["backend_options"]["dimensions"] == 128
-    full = vllm_minilm.embeddings()[:64, :128]
-    assert cosines(cut.embeddings(), full).min() > 0.9999
+    ids = table.column("id").to_pylist()
+    full = vllm_minilm.vectors_for(ids)[:, :128]
+    assert cosines(cut.vectors_for(ids), full).min() > 0.9999
     np.testing.assert_allclose(np.linalg.norm(cut.embeddings(), axis=1), 1, atol=1e-5)
 
 
@@ -456,7 +458,7 @@ def test_endpoint_backend_on_a_real_vllm_server(vllm_minilm, ray_local, minilm_t
     try:
         served = build_cache(minilm_table, cfg, tmp_path / "cache")
         ids = served.read_table().column("id").to_pylist()
-        assert len(set(ids)) == len(minilm_table) and ids == minilm_table.column("id").to_pylist()
+        assert len(set(ids)) == len(minilm_table) and ids == vllm_minilm.read_table(["id"]).column("id").to_pylist()
         cos = cosines(served.embeddings(), vllm_minilm.embeddings())
         assert cos.min() > 0.9999, f"worst row {int(cos.argmin())}: {cos.min()}"
         assert served.manifest["last_run"]["truncated_texts"] == vllm_minilm.manifest["last_run"]["truncated_texts"]
@@ -468,6 +470,6 @@ def test_endpoint_backend_on_a_real_vllm_server(vllm_minilm, ray_local, minilm_t
     with pytest.raises(Exception, match=f"{base_url}/v1/embeddings is unreachable.*3 attempts"):
         build_cache(table, cfg, tmp_path / "cache")
     assert time.monotonic() - started >= 0.3  # it waited between attempts
-    cache_dir, _ = cache_path_for(table, cfg, tmp_path / "cache")
+    cache_dir = cache_path_for(table, cfg, tmp_path / "cache")
     assert not json.loads((cache_dir / "manifest.json").read_text())["complete"]
     assert sorted(p.name for p in cache_dir.iterdir()) == ["manifest.json"]  # no parts, no temp files

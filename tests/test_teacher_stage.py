@@ -17,9 +17,11 @@ import pytest
 
 from leaf_ray.config import DataConfig, DataSource, TeacherConfig
 from leaf_ray.data import build_mix
+from leaf_ray.inputs import collect
 from leaf_ray.teacher import CacheMismatchError, build_cache, teacher_embeddings
 from leaf_ray.teacher.backends import TeacherOutputError, check_vectors
 from leaf_ray.teacher.cache import CacheDamagedError, TeacherCache
+from leaf_ray.teacher.chunks import plan_dataset, plan_table
 from leaf_ray.teacher.stage import cache_path_for
 from tests.conftest import REPO, build_tiny_bert, random_texts
 
@@ -33,8 +35,8 @@ def text_table(n: int, seed: int = 0) -> pa.Table:
 
 
 def teacher_cfg(model: Path, **kw) -> TeacherConfig:
-    base = dict(model=str(model), query_prompt="gene study ", document_prompt="cell data ",  # in-vocab words batch_size=16,
-                chunk_rows=64, max_length=64, torch_threads=1)
+    base = dict(model=str(model), query_prompt="gene study ", document_prompt="cell data ",  # in-vocab words
+                batch_size=16, chunk_rows=64, max_length=64, torch_threads=1)
     return TeacherConfig(**(base | kw))
 
 
@@ -60,16 +62,34 @@ def test_stage_matches_plain_encoding_and_keeps_every_id_once(ray_local, tiny_te
     table = text_table(300)
     cfg = teacher_cfg(tiny_teacher)
     cache = build_cache(table, cfg, tmp_path)
+    ids = table.column("id").to_pylist()
     cached = cache.read_table()
-    assert sorted(cached.column("id").to_pylist()) == sorted(table.column("id").to_pylist())
-    assert cached.column("id").to_pylist() == table.column("id").to_pylist()  # row order kept
+    assert sorted(cached.column("id").to_pylist()) == sorted(ids)
     assert cache.manifest["complete"] and cache.dim == 32 and cache.chunks == 5
     assert cache.manifest["last_run"]["rows_computed"] == 300
-    assert cosines(cache.embeddings(), plain_encode(tiny_teacher, table, cfg)).min() > 0.9999
+    vectors = cache.vectors_for(ids)
+    assert cosines(vectors, plain_encode(tiny_teacher, table, cfg)).min() > 0.9999
     # prompts are applied by kind: a query's vector differs from the same text embedded as a document
     swapped = table.set_column(2, "kind", pa.array(["document" if k == "query" else "query"
                                                    for k in table.column("kind").to_pylist()]))
-    assert cosines(teacher_embeddings(swapped, cfg, tmp_path), cache.embeddings()).max() < 0.9999
+    assert cosines(teacher_embeddings(swapped, cfg, tmp_path), vectors).max() < 0.9999
+
+
+def test_chunks_are_planned_by_id_hash_alike_in_process_and_on_ray(ray_local):
+    """A row's chunk depends only on its id, and the plan (sizes, digests, fingerprint) only on the set of rows:
+    the same from a table, from a Dataset in other blocks and order, and changed by any row's content."""
+    import ray
+
+    table = text_table(500, seed=7)
+    plan = plan_table(table, 6)
+    assert sum(plan.sizes) == 500 and all(plan.sizes) and len(set(plan.digests)) == 6
+    shuffled = table.take(np.random.default_rng(1).permutation(500))
+    blocks = ray.data.from_arrow([shuffled.slice(i, 70) for i in range(0, 500, 70)])
+    assert plan_dataset(blocks, 6) == plan
+    assert plan_table(table, 7).fingerprint == plan.fingerprint  # the data's address ignores the layout
+    edited = table.set_column(1, "text", pa.array(["changed"] + table.column("text").to_pylist()[1:]))
+    assert plan_table(edited, 6).fingerprint != plan.fingerprint
+    assert sum(a != b for a, b in zip(plan_table(edited, 6).digests, plan.digests)) == 1  # one chunk changed
 
 
 def test_complete_cache_is_reused_without_loading_the_teacher(ray_local, tmp_path):
@@ -108,6 +128,9 @@ def test_damaged_part_is_recomputed_alone_or_refused(ray_local, tiny_teacher, tm
     assert repaired.manifest["last_run"]["chunks_computed"] == 1
     assert repaired.manifest["last_run"]["chunks_reused"] == cache.chunks - 1
     np.testing.assert_allclose(repaired.embeddings(), reference, atol=1e-6)
+    # a whole part holding another chunk's rows does not count either (its footer digest is that chunk's)
+    shutil.copyfile(cache.part_path(0), cache.part_path(2))
+    assert not repaired.chunk_ok(2) and repaired.missing_chunks() == [2]
 
 
 def test_mismatched_cache_is_refused(ray_local, tmp_path):
@@ -118,7 +141,7 @@ def test_mismatched_cache_is_refused(ray_local, tmp_path):
     # another teacher's settings at the same place
     with pytest.raises(CacheMismatchError, match="another teacher"):
         TeacherCache.open(cache.path, cfg.model_copy(update={"query_prompt": "risk "}),
-                          cache.manifest["data_fingerprint"], len(table), cfg.chunk_rows)
+                          plan_table(table, cache.chunks), cfg.chunk_rows)
     # the weights behind the same model path changed dimension while a part was missing
     cache.part_path(0).unlink()
     shutil.rmtree(model)
@@ -133,7 +156,7 @@ def test_interrupted_run_resumes_and_computes_only_missing_chunks(tiny_teacher, 
     table = text_table(n, seed=5)
     pa.parquet.write_table(table, tmp_path / "texts.parquet")
     cfg = teacher_cfg(tiny_teacher, chunk_rows=chunk, batch_size=8)
-    cache_dir, _ = cache_path_for(table, cfg, tmp_path / "cache")
+    cache_dir = cache_path_for(table, cfg, tmp_path / "cache")
     script = textwrap.dedent(f"""
         import json, sys, pyarrow.parquet as pq, ray
         sys.path.insert(0, {str(REPO)!r})
@@ -152,9 +175,10 @@ def test_interrupted_run_resumes_and_computes_only_missing_chunks(tiny_teacher, 
 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = len(list(cache_dir.glob("part-*.parquet")))
+    kept = sorted(int(p.stem.split("-")[1]) for p in cache_dir.glob("part-*.parquet"))
     manifest = json.loads((cache_dir / "manifest.json").read_text())
-    assert 2 <= done < n // chunk and not manifest["complete"], "the run was not interrupted mid-stage"
+    done = len(kept)
+    assert 2 <= done < manifest["chunks"] and not manifest["complete"], "the run was not interrupted mid-stage"
 
     import ray
 
@@ -162,11 +186,12 @@ def test_interrupted_run_resumes_and_computes_only_missing_chunks(tiny_teacher, 
     try:
         resumed = build_cache(table, cfg, tmp_path / "cache")
         stats = resumed.manifest["last_run"]
-        assert stats["chunks_reused"] >= done and stats["chunks_computed"] == n // chunk - stats["chunks_reused"]
-        assert stats["rows_computed"] == stats["chunks_computed"] * chunk
+        assert stats["chunks_reused"] == done and stats["chunks_computed"] == resumed.chunks - done
+        assert stats["rows_computed"] == n - sum(resumed.chunk_rows_of(i) for i in kept)
         fresh = build_cache(table, cfg, tmp_path / "fresh")
-        np.testing.assert_allclose(resumed.embeddings(), fresh.embeddings(), atol=1e-6)
-        assert resumed.read_table().column("id").to_pylist() == table.column("id").to_pylist()
+        ids = table.column("id").to_pylist()
+        np.testing.assert_allclose(resumed.vectors_for(ids), fresh.vectors_for(ids), atol=1e-6)
+        assert sorted(resumed.read_table(["id"]).column("id").to_pylist()) == sorted(ids)
     finally:
         ray.shutdown()
 
@@ -189,12 +214,13 @@ def test_bundled_minilm_on_train_text_equals_sentence_transformers(ray_local, da
 
     data = DataConfig(root=str(data_root), sources=[DataSource(path="train-text/texts.jsonl.gz", limit_queries=800,
                                                                limit_documents=200)])
-    table, _ = build_mix(data)
+    texts, _ = build_mix(data)
+    table = collect(texts)
     assert len(table) == 1000
     cfg = TeacherConfig(model=MINILM_ID, query_prompt="query: ", document_prompt="", max_length=256,
                         chunk_rows=256, torch_threads=2)
-    cache = build_cache(table, cfg, tmp_path)
+    cache = build_cache(texts, cfg, tmp_path)
     ids = cache.read_table().column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 1000 and set(ids) == set(table.column("id").to_pylist())
     expected = plain_encode(resolve_model(MINILM_ID), table, cfg)
-    assert cosines(cache.embeddings(), expected).min() > 0.9999
+    assert cosines(cache.vectors_for(table.column("id").to_pylist()), expected).min() > 0.9999

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from leaf_ray.config import RunConfig, StorageConfig, StudentConfig, TrainConfig
-from leaf_ray.data import split_validation
+from leaf_ray.inputs import TrainingInputs, split_table
 from leaf_ray.student import load_student, read_manifest
 from leaf_ray.train import (TrainError, leaf_loss, length_grouped_batches, lr_factor, state_digest, total_steps,
                             train_student)
@@ -33,7 +33,11 @@ def make_config(tmp_path: Path, teacher_dir: Path, name: str, **train) -> RunCon
 
 
 def split(rows, size: int = 48):
-    return split_validation(rows, size, seed=0)
+    return split_table(rows, size, seed=0)
+
+
+def steps_of(rows: int, epochs: int = 2) -> int:
+    return epochs * (rows // 2 // 16)  # 2 workers of 16 rows
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -71,19 +75,20 @@ def test_total_steps_and_error_names_fields():
 # on the same rows: three Ray Train runs in all, shared by the tests below (each run costs ~15 s of start-up).
 # A constant LR after a 10-step warmup makes the two runs' curves comparable and puts the resume point
 # inside the warmup, so the logged LR shows whether the scheduler's position was restored.
-STOP_AT, STEPS = 7, 2 * (432 // 2 // 16)  # 432 training rows: 13 steps per epoch on 2 workers of 16 rows
+STOP_AT = 7
 
 
 @pytest.fixture(scope="module")
 def cache_runs(ray_local, tiny_teacher, tiny_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache_runs")
     train, val = split(tiny_cache)
-    first = train_student(make_config(tmp, tiny_teacher, "ddp", max_steps=STOP_AT), train, val, 32, trace_ids=True)
+    inputs = TrainingInputs.in_memory(train, val, 32)
+    first = train_student(make_config(tmp, tiny_teacher, "ddp", max_steps=STOP_AT), inputs, trace_ids=True)
     stopped = {"state": json.loads((Path(first.checkpoint_path) / "train_state.json").read_text()),
                "digest": state_digest(load_student(first.checkpoint_path))}
-    second = train_student(make_config(tmp, tiny_teacher, "ddp"), train, val, 32, trace_ids=True)
-    return SimpleNamespace(cfg=make_config(tmp, tiny_teacher, "ddp"), train=train, first=first, stopped=stopped,
-                           second=second)
+    second = train_student(make_config(tmp, tiny_teacher, "ddp"), inputs, trace_ids=True)
+    return SimpleNamespace(cfg=make_config(tmp, tiny_teacher, "ddp"), train=train, val=val, first=first,
+                           stopped=stopped, second=second, steps=steps_of(len(train)))
 
 
 @pytest.mark.timeout(480)  # includes the two runs of the fixture
@@ -95,7 +100,7 @@ def test_ddp_two_workers_learn_on_disjoint_shards(cache_runs):
     assert end["val_loss"] < 0.5 * start["val_loss"] and end["val_cosine"] > start["val_cosine"]
     logged = [r["loss"] for r in history if r["event"] == "log"]
     assert logged[-1] < logged[0]
-    assert result.steps == total_steps(cfg.train, len(train)) == STEPS
+    assert result.steps == total_steps(cfg.train, len(train)) == cache_runs.steps
 
     for run in (cache_runs.first, cache_runs.second):
         ids = [set(r) for r in run.ids_by_rank]
@@ -115,20 +120,20 @@ def test_ddp_two_workers_learn_on_disjoint_shards(cache_runs):
 
 @pytest.mark.timeout(300)
 def test_resume_continues_from_checkpoint(cache_runs):
-    first, second = cache_runs.first, cache_runs.second
+    first, second, steps = cache_runs.first, cache_runs.second, cache_runs.steps
     assert first.steps == STOP_AT and not first.start["resumed"]
     assert cache_runs.stopped["state"] == {"step": STOP_AT, "epoch": 0, "batch_in_epoch": STOP_AT,
                                            "samples": STOP_AT * 32}
     assert second.start["resumed"] and second.start["step"] == STOP_AT
     assert second.start["weights_digest"] == cache_runs.stopped["digest"]  # loaded weights are the checkpoint's
-    assert second.steps == STEPS and second.metrics["steps_this_run"] == STEPS - STOP_AT
-    assert second.metrics["samples"] == STEPS * 32
+    assert second.steps == steps and second.metrics["steps_this_run"] == steps - STOP_AT
+    assert second.metrics["samples"] == steps * 32
     logs = {r["step"]: r for r in second.history() if r["event"] == "log"}
-    assert sorted(logs) == list(range(5, STEPS + 1, 5))  # one log stream across both calls
+    assert sorted(logs) == list(range(5, steps + 1, 5))  # one log stream across both calls
     assert logs[5]["lr"] == pytest.approx(1e-3 * 6 / 10)  # warmup before the stop ...
     assert logs[10]["lr"] == pytest.approx(1e-3)  # ... completed after it: the scheduler resumed at step 7
     epochs = [r["step"] for r in second.history() if r["event"] == "epoch"]
-    assert epochs == [STEPS // 2, STEPS]  # the resumed call finished epoch 0 where an uninterrupted run would
+    assert epochs == [steps // 2, steps]  # the resumed call finished epoch 0 where an uninterrupted run would
 
 
 @pytest.mark.timeout(120)
@@ -136,6 +141,7 @@ def test_a_run_refuses_another_student(tiny_teacher, tiny_cache, tmp_path):
     from leaf_ray.train import prepare_initial_student
 
     train, val = split(tiny_cache)
+    train = TrainingInputs.in_memory(train, val, 32).train
     cfg = make_config(tmp_path, tiny_teacher, "pinned")
     prepare_initial_student(cfg, 32, train)
     other = cfg.model_copy(update={"student": StudentConfig(kind="teacher_layers", layers=[1], max_length=64,
@@ -147,13 +153,14 @@ def test_a_run_refuses_another_student(tiny_teacher, tiny_cache, tmp_path):
 @pytest.mark.timeout(300)
 def test_stream_mode_learns_like_cache_mode(cache_runs, tiny_teacher, tiny_cache, tmp_path):
     """The same rows, split and student as the cache-mode run, with the teacher stage feeding the workers."""
-    from leaf_ray.train import training_inputs
+    from leaf_ray.inputs import training_inputs
 
     cfg = make_config(tmp_path, tiny_teacher, "stream", mode="stream")
     cfg.data.validation_size = 48
     inputs = training_inputs(cfg, tiny_cache.select(["id", "text", "kind"]))
-    assert inputs.teacher_dim == 32 and inputs.train_rows == len(cache_runs.train) and len(inputs.val) == 48
-    result = train_student(cfg, inputs.train, inputs.val, inputs.teacher_dim, train_rows=inputs.train_rows)
+    assert inputs.teacher_dim == 32 and inputs.train_rows == len(cache_runs.train)
+    assert sorted(inputs.val.column("id").to_pylist()) == sorted(cache_runs.val.column("id").to_pylist())
+    result = train_student(cfg, inputs)
 
     stream, cache = result.history(), cache_runs.second.history()
     assert stream[0]["val_loss"] == pytest.approx(cache[0]["val_loss"], rel=1e-4)  # same init, same vectors

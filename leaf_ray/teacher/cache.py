@@ -2,10 +2,13 @@
 `<cache_root>/teacher/<teacher fingerprint>/<data fingerprint>/`, on a local disk or an object store
 (leaf_ray.storage).
 
-Rows are split into fixed chunks (the unit of resume): part-NNNNN.parquet holds chunk NNNNN and is
-written atomically (temp file + rename locally, one whole-object upload on an object store), so an
-interrupted run leaves only whole parts behind and a rerun computes just the chunks that are missing or
-damaged. Reading streams part by part from wherever the cache is.
+Rows are split into chunks by a hash of their id (leaf_ray.teacher.chunks), the unit of resume:
+part-NNNNN.parquet holds exactly chunk NNNNN's rows and is written atomically by whichever teacher actor
+embedded it (temp file + rename locally, one whole-object upload on an object store), with the digest of its
+rows in its parquet footer. The manifest lists every chunk's row count and digest, so a part counts only if its
+footer matches; an interrupted run leaves only whole parts behind and a rerun computes just the chunks that are
+missing or damaged. Rows within a part are in a hash order, so every part is a random sample of the mix and
+training can stream the parts in any order. Reading streams part by part from wherever the cache is.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +26,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from leaf_ray.config import TeacherConfig
+from leaf_ray.hashing import CHUNKING, id_hashes, row_digests, set_digest
+from leaf_ray.runtime import DATA_TASK_CPUS
 from leaf_ray.storage import StoragePath, resolve
+from leaf_ray.teacher.chunks import ChunkPlan
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 # Teacher settings that change the vectors; anything else (pool size, batch size) does not.
 # `backend_options` holds the vLLM / endpoint settings that change vectors (never a URL or an API key);
 # it is None for the transformers backend and then left out, so those fingerprints are unchanged.
+DIGEST_KEY = b"leaf_ray.rows_digest"  # a part's footer entry: the set_digest of the rows it holds
+CHECK_THREADS = 16  # parts whose footers are checked at once (object stores answer each with a round trip)
 SPEC_FIELDS = ("model", "backend", "query_prompt", "document_prompt", "max_length", "normalize", "dtype",
                "cache_dtype", "backend_options")
 
@@ -76,9 +85,10 @@ class TeacherCache:
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path | str | StoragePath, teacher: TeacherConfig, data_fingerprint: str, rows: int,
+    def open(cls, path: Path | str | StoragePath, teacher: TeacherConfig, plan: ChunkPlan,
              chunk_rows: int) -> TeacherCache:
-        """Open (or start) the cache at `path`, refusing one written for another teacher or data set."""
+        """Open (or start) the cache at `path` for the rows `plan` describes, refusing one written for another
+        teacher, data set or chunk layout."""
         path = resolve(path, "teacher cache")
         spec = teacher_spec(teacher)
         manifest_file = path / MANIFEST
@@ -88,18 +98,31 @@ class TeacherCache:
                 diff = {k: (manifest.get("teacher", {}).get(k), v) for k, v in spec.items()
                         if manifest.get("teacher", {}).get(k) != v}
                 raise CacheMismatchError(f"cache {path} was written by another teacher: (cached, configured) = {diff}")
-            # chunk_rows is layout, not content: an existing cache keeps its own.
-            for key, want in (("data_fingerprint", data_fingerprint), ("rows", rows)):
+            if manifest.get("chunking") != CHUNKING:
+                raise CacheMismatchError(f"cache {path} uses an older part layout ({manifest.get('chunking')!r}); "
+                                         "delete it or use a new storage.cache_root")
+            # chunk_rows is layout, not content: an existing cache keeps its own chunk count (the caller plans
+            # with it: existing_chunks).
+            for key, want in (("data_fingerprint", plan.fingerprint), ("rows", plan.rows)):
                 if manifest.get(key) != want:
                     raise CacheMismatchError(f"cache {path}: manifest {key}={manifest.get(key)!r}, expected {want!r}")
+            if manifest.get("chunk_digests") != plan.digests:
+                raise CacheMismatchError(f"cache {path}: the manifest's chunk digests are not those of the data")
             return cls(path, manifest)
         path.check_writable("storage.cache_root")  # a read-only root fails here, before any teacher work
-        manifest = {"teacher": spec, "data_fingerprint": data_fingerprint, "rows": rows, "chunk_rows": chunk_rows,
-                    "chunks": -(-rows // chunk_rows), "dim": None, "normalized": teacher.normalize,
-                    "dtype": teacher.cache_dtype, "complete": False, "created": time.time()}
+        manifest = {"teacher": spec, "data_fingerprint": plan.fingerprint, "rows": plan.rows, "chunk_rows": chunk_rows,
+                    "chunks": plan.chunks, "chunking": CHUNKING, "dim": None, "normalized": teacher.normalize,
+                    "dtype": teacher.cache_dtype, "complete": False, "created": time.time(),
+                    "chunk_sizes": plan.sizes, "chunk_digests": plan.digests}
         cache = cls(path, manifest)
         cache._save_manifest()
         return cache
+
+    @staticmethod
+    def existing_chunks(path: Path | str | StoragePath) -> int | None:
+        """The chunk count of a cache already at `path` (its layout), or None."""
+        manifest_file = resolve(path, "teacher cache") / MANIFEST
+        return _read_manifest(manifest_file).get("chunks") if manifest_file.is_file() else None
 
     @classmethod
     def load(cls, path: Path | str | StoragePath) -> TeacherCache:
@@ -130,7 +153,7 @@ class TeacherCache:
         return bool(self.manifest.get("complete"))
 
     def chunk_rows_of(self, index: int) -> int:
-        return min(self.manifest["chunk_rows"], self.manifest["rows"] - index * self.manifest["chunk_rows"])
+        return self.manifest["chunk_sizes"][index]
 
     def part_location(self, index: int) -> StoragePath:
         return self.location / f"part-{index:05d}.parquet"
@@ -140,8 +163,11 @@ class TeacherCache:
 
     # -- integrity -------------------------------------------------------------------------------
     def chunk_ok(self, index: int) -> bool:
-        """A part counts only if its footer reads and it holds exactly its chunk's rows, as vectors of the
-        cache's dimension and dtype (a part of another width would otherwise pass and break, or feed, training)."""
+        """A part counts only if its footer reads and holds exactly its chunk's rows (their digest), as vectors of
+        the cache's dimension and dtype (a part of another width would otherwise pass and break, or feed,
+        training). An empty chunk has no part."""
+        if self.chunk_rows_of(index) == 0:
+            return True
         part = self.part_location(index)
         if not part.is_file():
             return False
@@ -150,19 +176,22 @@ class TeacherCache:
             vectors = meta.schema.to_arrow_schema().field("embedding").type
         except (pa.ArrowInvalid, OSError, KeyError):
             return False
-        return (meta.num_rows == self.chunk_rows_of(index) and pa.types.is_fixed_size_list(vectors)
+        return (meta.num_rows == self.chunk_rows_of(index)
+                and (meta.metadata or {}).get(DIGEST_KEY, b"").decode() == self.manifest["chunk_digests"][index]
+                and pa.types.is_fixed_size_list(vectors)
                 and vectors.value_type == pa.from_numpy_dtype(np.dtype(self.manifest["dtype"]))
                 and self.dim in (None, vectors.list_size))
 
     def missing_chunks(self, on_damaged: str = "recompute") -> list[int]:
+        """Chunks without a part that counts; footers are checked in parallel (one round trip each on a bucket)."""
+        with ThreadPoolExecutor(CHECK_THREADS) as pool:
+            ok = list(pool.map(self.chunk_ok, range(self.chunks)))
         missing = []
-        for index in range(self.chunks):
-            if self.chunk_ok(index):
-                continue
+        for index in (i for i, good in enumerate(ok) if not good):
             if self.part_location(index).exists():
                 if on_damaged == "error":
-                    raise CacheDamagedError(f"teacher cache part {self.part_path(index)} is damaged or has the "
-                                            f"wrong row count (expected {self.chunk_rows_of(index)})")
+                    raise CacheDamagedError(f"teacher cache part {self.part_path(index)} is damaged or does not hold "
+                                            f"its chunk's {self.chunk_rows_of(index)} rows")
                 log.warning("teacher cache part %s is damaged; recomputing it", self.part_path(index))
             missing.append(index)
         return missing
@@ -177,15 +206,20 @@ class TeacherCache:
             self._save_manifest()
 
     def write_chunk(self, index: int, ids: list, texts: list, kinds: list, vectors: np.ndarray) -> None:
-        if len(ids) != self.chunk_rows_of(index):
-            raise CacheDamagedError(f"chunk {index}: got {len(ids)} rows, expected {self.chunk_rows_of(index)}")
+        """Write chunk `index`'s part in one atomic call, refusing rows that are not exactly the chunk's. Rows are
+        stored in the order of a hash of their id: a random order, the same on every rerun."""
+        digest = set_digest(len(ids), row_digests(ids, texts, kinds).sum(axis=0))
+        if len(ids) != self.chunk_rows_of(index) or digest != self.manifest["chunk_digests"][index]:
+            raise CacheDamagedError(f"chunk {index}: got {len(ids)} rows that are not the chunk's "
+                                    f"{self.chunk_rows_of(index)} rows")
+        order = np.argsort(id_hashes(ids), kind="stable")
         dtype = np.float16 if self.manifest["dtype"] == "float16" else np.float32
-        flat = pa.array(np.ascontiguousarray(vectors, dtype=dtype).reshape(-1))
-        table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string()),
-                          "kind": pa.array(kinds, pa.string()),
+        flat = pa.array(np.ascontiguousarray(np.asarray(vectors)[order], dtype=dtype).reshape(-1))
+        table = pa.table({"id": pa.array(ids, pa.string()).take(order), "text": pa.array(texts, pa.string()).take(order),
+                          "kind": pa.array(kinds, pa.string()).take(order),
                           "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
         buffer = pa.BufferOutputStream()  # serialised whole first: the part is written in one atomic call
-        pq.write_table(table, buffer)
+        pq.write_table(table.replace_schema_metadata({DIGEST_KEY: digest.encode()}), buffer)
         self.part_location(index).write_bytes(buffer.getvalue())
 
     def finish(self, stats: dict) -> None:
@@ -197,24 +231,36 @@ class TeacherCache:
 
     # -- reading -------------------------------------------------------------------------------
     def parts(self) -> list[StoragePath]:
-        return [self.part_location(i) for i in range(self.chunks)]
+        """Every part, in chunk order (empty chunks have none)."""
+        return [self.part_location(i) for i in range(self.chunks) if self.chunk_rows_of(i)]
 
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
-        """The whole cache (id, text, kind, embedding, or just `columns`) in row order."""
+        """The whole cache (id, text, kind, embedding, or just `columns`) in one table: for small caches (an
+        evaluation corpus); training streams the parts with `dataset()`."""
         return pa.concat_tables([pq.read_table(part.path, columns=columns, filesystem=part.filesystem)
                                  for part in self.parts()])
+
+    def vectors_for(self, ids: list[str]) -> np.ndarray:
+        """The vectors of `ids` (each cached) in that order: for small caches, as read_table."""
+        cached = self.read_table(["id", "embedding"])
+        position = {row_id: i for i, row_id in enumerate(cached.column("id").to_pylist())}
+        index = np.fromiter((position[i] for i in ids), dtype=np.int64, count=len(ids))
+        return embedding_matrix(cached.column("embedding"))[index]
 
     def embeddings(self) -> np.ndarray:
         """All vectors as a (rows, dim) float32 array, in row order."""
         return embedding_matrix(self.read_table(["embedding"]).column("embedding"))
 
-    def dataset(self):
-        """The cache as a Ray Dataset read in parallel from its parts; `embedding` arrives in numpy
-        batches as a (rows, dim) float32 matrix rather than an array of per-row arrays."""
+    def dataset(self, shuffle_seed: int | None = None):
+        """The cache as a Ray Dataset read in parallel from its parts; `embedding` arrives in numpy batches as a
+        (rows, dim) float32 matrix rather than an array of per-row arrays. With `shuffle_seed` the parts are read
+        in a seeded order that changes with every execution (each training epoch), streaming, with no barrier."""
         import ray
 
-        return ray.data.read_parquet([part.path for part in self.parts()], filesystem=self.location.filesystem,
-                                     ).map_batches(_embeddings_as_matrix, batch_format="numpy")
+        shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+        parts = ray.data.read_parquet([part.path for part in self.parts()], filesystem=self.location.filesystem,
+                                      shuffle=shuffle, num_cpus=DATA_TASK_CPUS)
+        return parts.map_batches(_embeddings_as_matrix, batch_format="numpy", num_cpus=DATA_TASK_CPUS)
 
 
 def _embeddings_as_matrix(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

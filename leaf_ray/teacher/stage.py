@@ -1,8 +1,8 @@
 """The Ray Data teacher stage: an autoscaling pool of teacher actors embeds `{id, text, kind}` rows.
 
-`embed_dataset` is the lazy stage (streamed straight into training, or consumed by `build_cache`);
-`build_cache` runs it over only the chunks a cache is missing and writes each chunk atomically as
-soon as all of its rows are back, so an interruption loses at most the chunks in flight.
+`embed_dataset` is the lazy stage streamed straight into training. `build_cache` groups the rows by cache chunk
+and has the actors embed each missing chunk and write its part themselves, atomically: the driver plans and
+counts but never holds a text or a vector, and an interruption loses at most the chunks in flight.
 """
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from leaf_ray.config import TeacherConfig
-from leaf_ray.data import fingerprint_table, to_dataset
 from leaf_ray.storage import DEFAULT_LOCAL_CACHE, StoragePath, resolve
 from leaf_ray.teacher.backends import make_backend
-from leaf_ray.teacher.cache import TeacherCache, embedding_matrix, teacher_fingerprint
+from leaf_ray.teacher.cache import TeacherCache, teacher_fingerprint
+from leaf_ray.teacher.chunks import ChunkPlan, chunk_count, plan_dataset, plan_table, with_chunk
 
 log = logging.getLogger(__name__)
 # Rows per actor call = this many teacher forward batches: big enough to amortise Ray overhead,
 # small enough to keep every actor of a pool busy.
 FORWARD_BATCHES_PER_CALL = 4
+# Shuffle partitions of the chunk groupby, each one actor task over its chunks: enough to keep a large pool busy,
+# few enough that the shuffle stays cheap. A retried task skips the parts it already wrote.
+WRITE_PARTITIONS = 200
 
 
 class TeacherEmbedder:
@@ -60,11 +63,6 @@ def embed_dataset(ds, teacher: TeacherConfig, cache_root: str | Path, allow_hub:
     `cache_root` is the local directory where actors find (or reassemble) model weights."""
     import ray
 
-    placement = {}  # only when set: steers actors to a GPU model / node pool on heterogeneous clusters
-    if teacher.accelerator_type:
-        placement["accelerator_type"] = teacher.accelerator_type
-    if teacher.resources_per_actor:
-        placement["resources"] = dict(teacher.resources_per_actor)
     return ds.map_batches(
         TeacherEmbedder,
         fn_constructor_kwargs={"teacher": teacher, "cache_root": str(cache_root), "allow_hub": allow_hub},
@@ -73,104 +71,156 @@ def embed_dataset(ds, teacher: TeacherConfig, cache_root: str | Path, allow_hub:
         compute=ray.data.ActorPoolStrategy(min_size=teacher.min_actors, max_size=teacher.max_actors),
         num_cpus=teacher.num_cpus_per_actor,
         num_gpus=teacher.num_gpus_per_actor,
-        **placement,
+        **_placement(teacher),
     )
 
 
-def cache_location_for(table: pa.Table, teacher: TeacherConfig,
-                       cache_root: str | Path | StoragePath) -> tuple[StoragePath, str]:
-    data_fp = fingerprint_table(table)
-    return resolve(cache_root, "cache_root") / "teacher" / teacher_fingerprint(teacher) / data_fp, data_fp
+def _placement(teacher: TeacherConfig) -> dict:
+    """Ray options that steer teacher actors to a GPU model / node pool on heterogeneous clusters (only when set)."""
+    placement = {}
+    if teacher.accelerator_type:
+        placement["accelerator_type"] = teacher.accelerator_type
+    if teacher.resources_per_actor:
+        placement["resources"] = dict(teacher.resources_per_actor)
+    return placement
 
 
-def cache_path_for(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path) -> tuple[Path | str, str]:
-    """Where `table`'s cache lives: a Path under a local cache_root, else its URI."""
-    location, data_fp = cache_location_for(table, teacher, cache_root)
-    return location.native(), data_fp
+def as_dataset(texts):
+    """A Ray Dataset of text rows; an in-memory table (an evaluation corpus, a test) is put in the object store."""
+    import ray
+
+    return ray.data.from_arrow(texts) if isinstance(texts, pa.Table) else texts
 
 
-def build_cache(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path | StoragePath,
-                allow_hub: bool = False, model_root: str | Path | None = None) -> TeacherCache:
-    """Return a complete teacher cache for `table`'s rows, computing only the chunks not yet cached.
+def plan_for(texts, teacher: TeacherConfig, cache_root: str | Path | StoragePath) -> tuple[StoragePath, ChunkPlan]:
+    """Where the cache of `texts` (a Ray Dataset, or a table planned in-process) lives and how its rows split into
+    chunks. A cache already there keeps its own chunk count, so changing `teacher.chunk_rows` never invalidates it."""
+    def plan(chunks: int) -> ChunkPlan:
+        return plan_table(texts, chunks) if isinstance(texts, pa.Table) else plan_dataset(texts, chunks)
 
+    rows = len(texts) if isinstance(texts, pa.Table) else texts.count()
+    found = plan(chunk_count(rows, teacher.chunk_rows))
+    location = resolve(cache_root, "cache_root") / "teacher" / teacher_fingerprint(teacher) / found.fingerprint
+    existing = TeacherCache.existing_chunks(location)
+    return location, (plan(existing) if existing not in (None, found.chunks) else found)
+
+
+def cache_path_for(texts, teacher: TeacherConfig, cache_root: str | Path) -> Path | str:
+    """Where the cache of `texts` lives: a Path under a local cache_root, else its URI."""
+    return plan_for(texts, teacher, cache_root)[0].native()
+
+
+class CacheWriter:
+    """Ray Data callable class for `map_groups`: embeds one whole chunk and writes its cache part itself, so no
+    vector passes through the driver. Returns one small row per chunk for the driver's progress and checks."""
+
+    def __init__(self, teacher: TeacherConfig, cache: TeacherCache, model_root: str, allow_hub: bool = False):
+        self.embedder = TeacherEmbedder(teacher, model_root, allow_hub)
+        self.cache, self.batch_size = cache, teacher.batch_size * FORWARD_BATCHES_PER_CALL
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        chunk = rows.column("chunk")[0].as_py()
+        if self.cache.dim is not None and self.cache.chunk_ok(chunk):  # written by an earlier try of this task
+            return pa.table({"chunk": [chunk], "rows": [len(rows)], "dim": [self.cache.dim], "written": [True],
+                             "truncated": [0]})
+        # Sorted by kind and length, so each forward batch has one prompt and little padding.
+        rows = rows.append_column("_len", pc.utf8_length(rows.column("text"))).sort_by(
+            [("kind", "ascending"), ("_len", "ascending")])
+        columns = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in ("id", "text", "kind")}
+        vectors, truncated = [], 0
+        for start in range(0, len(rows), self.batch_size):
+            out = self.embedder({name: column[start:start + self.batch_size] for name, column in columns.items()})
+            vectors.append(out["embedding"])
+            truncated += int(out["truncated"].sum())
+        vectors = np.concatenate(vectors)
+        dim = vectors.shape[1]
+        written = self.cache.dim in (None, dim)  # else the driver refuses the teacher (set_dim), writing nothing
+        if written:
+            self.cache.write_chunk(chunk, *(columns[name].tolist() for name in ("id", "text", "kind")), vectors)
+        return pa.table({"chunk": [chunk], "rows": [len(rows)], "dim": [dim], "written": [written],
+                         "truncated": [truncated]})
+
+
+def build_cache(texts, teacher: TeacherConfig, cache_root: str | Path | StoragePath, allow_hub: bool = False,
+                model_root: str | Path | None = None) -> TeacherCache:
+    """Return a complete teacher cache for `texts` (a Ray Dataset of text rows, or a table), computing only the
+    chunks not yet cached.
+
+    The rows are grouped by chunk with a Ray Data groupby; each group goes to a teacher actor that embeds it and
+    writes its part, and the driver sees one small record per chunk.
     cache_root: a local directory, a storage URI or a resolved StoragePath (object stores included).
     model_root: the local directory for model weights; None: cache_root when local, else ~/.cache/leaf-ray.
     A complete cache is returned without loading the teacher. `cache.manifest["last_run"]` records
     how many chunks/rows this call computed and reused.
     """
-    path, data_fp = cache_location_for(table, teacher, cache_root)
+    started = time.time()
+    path, plan = plan_for(texts, teacher, cache_root)
     if model_root is None:
         root = resolve(cache_root, "cache_root")
         model_root = root.native() if root.is_local else DEFAULT_LOCAL_CACHE.expanduser()
-    cache = TeacherCache.open(path, teacher, data_fp, len(table), teacher.chunk_rows)
+    cache = TeacherCache.open(path, teacher, plan, teacher.chunk_rows)
     missing = cache.missing_chunks(teacher.on_damaged_cache)
-    started = time.time()
     if not missing:
         if not cache.complete:
             cache.finish({"chunks_computed": 0, "rows_computed": 0, "chunks_reused": cache.chunks})
-        log.info("teacher cache %s is complete (%d rows); reusing it", path, len(table))
+        log.info("teacher cache %s is complete (%d rows); reusing it", path.native(), plan.rows)
         return cache
-    chunk_rows = cache.manifest["chunk_rows"]
-    row = np.arange(len(table))
-    todo = table.append_column("row", pa.array(row)).append_column("chunk", pa.array(row // chunk_rows))
-    todo = todo.filter(pc.is_in(todo.column("chunk"), pa.array(missing)))
-    stats = {"chunks_computed": len(missing), "rows_computed": len(todo), "chunks_reused": cache.chunks - len(missing)}
-    stats |= _embed_chunks(cache, todo, missing, teacher, model_root, allow_hub, started)
+    todo_rows = sum(plan.sizes[i] for i in missing)
+    stats = {"chunks_computed": len(missing), "rows_computed": todo_rows,
+             "chunks_reused": cache.chunks - len(missing)}
+    stats |= _write_missing_parts(cache, texts, missing, todo_rows, teacher, model_root, allow_hub, started)
     cache.finish(stats)
-    log.info("teacher cache %s: %s", path, stats)
+    log.info("teacher cache %s: %s", path.native(), stats)
     return cache
 
 
-def _embed_chunks(cache: TeacherCache, todo: pa.Table, missing: list[int], teacher: TeacherConfig,
-                  model_root, allow_hub: bool, started: float) -> dict:
-    """Stream the stage's output and write every chunk the moment its last row arrives.
+def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_rows: int, teacher: TeacherConfig,
+                         model_root, allow_hub: bool, started: float) -> dict:
+    """Run the teacher pool over the missing chunks and check each chunk's record as it arrives.
 
-    Returns timing stats: `first_output_s` (start-up: pool scheduling + teacher load + first batch)
-    and `steady_rows_per_s` (rows after the first batch over the time after it).
+    Returns timing stats: `first_output_s` (start-up: planning, grouping, pool scheduling, teacher load and the
+    first chunk) and `steady_rows_per_s` (rows after the first chunk over the time after it).
     """
-    pending: dict[int, list[dict]] = {i: [] for i in missing}
-    received = dict.fromkeys(missing, 0)
-    truncated, first = 0, None
-    ds = embed_dataset(to_dataset(todo, cache.manifest["chunk_rows"]), teacher, model_root, allow_hub)
-    with tqdm(total=len(todo), desc=f"teacher {teacher.model}", unit="text") as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            vectors = np.asarray(batch["embedding"], dtype=np.float32)
-            cache.set_dim(vectors.shape[1])
-            truncated += int(batch["truncated"].sum())
-            for chunk in np.unique(batch["chunk"]):
-                rows = batch["chunk"] == chunk
-                pending[chunk].append({k: batch[k][rows] for k in ("row", "id", "text", "kind")}
-                                      | {"embedding": vectors[rows]})
-                received[chunk] += int(rows.sum())
-                if received[chunk] == cache.chunk_rows_of(chunk):
-                    _write_sorted(cache, int(chunk), pending.pop(chunk))
-            bar.update(len(vectors))
-            first = first or (time.time(), len(vectors))
-    if pending:
-        raise RuntimeError(f"teacher stage ended with chunks {sorted(pending)[:10]} incomplete")
+    import ray
+
+    todo = as_dataset(texts).map_batches(_keep_chunks, fn_kwargs={"chunks": cache.chunks, "keep": missing},
+                             batch_format="pyarrow")
+    records = todo.groupby("chunk", num_partitions=min(len(missing), WRITE_PARTITIONS)).map_groups(
+        CacheWriter,
+        fn_constructor_kwargs={"teacher": teacher, "cache": cache, "model_root": str(model_root),
+                               "allow_hub": allow_hub},
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=teacher.min_actors, max_size=teacher.max_actors),
+        num_cpus=teacher.num_cpus_per_actor, num_gpus=teacher.num_gpus_per_actor, **_placement(teacher))
+    truncated, done, first = 0, set(), None
+    with tqdm(total=todo_rows, desc=f"teacher {teacher.model}", unit="text") as bar:
+        for record in records.iter_rows():
+            cache.set_dim(record["dim"])  # refuses a teacher whose width changed, before anything is counted
+            if record["rows"] != cache.chunk_rows_of(record["chunk"]) or record["chunk"] in done:
+                raise RuntimeError(f"teacher stage: chunk {record['chunk']} came back with {record['rows']} rows "
+                                   f"(expected {cache.chunk_rows_of(record['chunk'])}, once)")
+            done.add(record["chunk"])
+            truncated += record["truncated"]
+            bar.update(record["rows"])
+            first = first or (time.time(), record["rows"])
+    if len(done) != len(missing):
+        raise RuntimeError(f"teacher stage ended with chunks {sorted(set(missing) - done)[:10]} not written")
     end = time.time()
     steady_s = end - first[0]
     return {"truncated_texts": truncated, "seconds": round(end - started, 3),
             "first_output_s": round(first[0] - started, 3),
-            "steady_rows_per_s": round((len(todo) - first[1]) / steady_s, 2) if steady_s > 0 else None}
+            "steady_rows_per_s": round((todo_rows - first[1]) / steady_s, 2) if steady_s > 0 else None}
 
 
-def _write_sorted(cache: TeacherCache, chunk: int, pieces: list[dict]) -> None:
-    """Write a chunk in the input's row order (actors may return its batches in any order)."""
-    column = {k: np.concatenate([p[k] for p in pieces]) for k in ("row", "id", "text", "kind", "embedding")}
-    order = np.argsort(column["row"], kind="stable")
-    cache.write_chunk(chunk, [str(v) for v in column["id"][order]], [str(v) for v in column["text"][order]],
-                      [str(v) for v in column["kind"][order]], column["embedding"][order])
+def _keep_chunks(batch: pa.Table, chunks: int, keep: list[int]) -> pa.Table:
+    """The rows of `batch` whose chunk is in `keep`, with their `chunk` column."""
+    keyed = with_chunk(batch.select(["id", "text", "kind"]), chunks)
+    return keyed.filter(pc.is_in(keyed.column("chunk"), pa.array(keep, pa.int64())))
 
 
 def teacher_embeddings(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path | StoragePath,
                        allow_hub: bool = False, model_root: str | Path | None = None) -> np.ndarray:
     """Teacher vectors for `table`'s rows in `table`'s order, through the cache (ids must be unique);
     `cache_root` and `model_root` as for build_cache."""
-    rows = table.select(["id", "text", "kind"])
-    ordered = rows.append_column("_len", pc.utf8_length(rows.column("text"))).sort_by(
-        [("kind", "ascending"), ("_len", "ascending"), ("id", "ascending")]).drop(["_len"])
-    cached = build_cache(ordered, teacher, cache_root, allow_hub, model_root).read_table(["id", "embedding"])
-    position = {row_id: i for i, row_id in enumerate(cached.column("id").to_pylist())}
-    index = np.fromiter((position[i] for i in table.column("id").to_pylist()), dtype=np.int64, count=len(table))
-    return embedding_matrix(cached.column("embedding"))[index]
+    cache = build_cache(table.select(["id", "text", "kind"]), teacher, cache_root, allow_hub, model_root)
+    return cache.vectors_for(table.column("id").to_pylist())
