@@ -14,15 +14,15 @@ from collections.abc import Iterable
 
 import numpy as np
 
-# A row's content digest is 128 bits, kept as four 32-bit pieces in int64 columns so that sums over
-# billions of rows (the order-independent digest of a set of rows) cannot overflow.
+# A row's content digest is 128 bits, kept as four 32-bit pieces in int64 columns so that their sums (the
+# order-independent digest of a set of rows) cannot overflow below two billion rows.
 DIGEST_PIECES = 4
 CHUNKING = "blake2b-64(id) mod chunks"  # recorded in cache manifests: the layout that parts follow
 
 
 def _u64(values: Iterable[str], salt: str) -> np.ndarray:
-    person = salt.encode()[:16]
-    return np.fromiter((int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8, person=person).digest(), "little")
+    key = hashlib.blake2b(salt.encode(), digest_size=32).digest()  # any salt (a seed of any size) keys the hash
+    return np.fromiter((int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8, key=key).digest(), "little")
                         for v in values), dtype=np.uint64)
 
 

@@ -2,7 +2,8 @@
 
 Nothing here gathers the mix on the driver. Validation rows are those whose id hashes below a fraction
 (leaf_ray.hashing.held_out), so the split is made block by block and is the same on every rerun; only the
-validation rows themselves (`data.validation_size` of them) come to the driver, for the workers to evaluate on.
+validation rows themselves (about `data.validation_size` of them) come to the driver, for the workers to
+evaluate on.
 In cache mode training streams the cache's parquet parts through Ray Data (every epoch re-reads them, nothing is
 re-embedded) in a block order reshuffled each epoch; in stream mode the teacher actors' output feeds the workers.
 """
@@ -21,6 +22,10 @@ from leaf_ray.runtime import DATA_TASK_CPUS
 from leaf_ray.student import TeacherRows
 
 ROWS_PER_BLOCK = 1024  # Ray Data block size for an in-memory training table
+
+
+class InputsError(ValueError):
+    """Training inputs that cannot be made; the message names the config field."""
 
 
 @dataclass
@@ -70,7 +75,8 @@ def collect(ds) -> pa.Table:
 
 def reshuffled_each_epoch(ds, seed: int):
     """A materialised `ds` in a block order that is seeded but new on every execution: Ray Train runs the dataset
-    once per epoch, so each epoch sees the blocks in another order."""
+    once per epoch, so each epoch sees the blocks in another order (rows within a block keep theirs; the workers'
+    local shuffle buffer mixes them)."""
     from ray.data import RandomSeedConfig
 
     return ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
@@ -97,6 +103,9 @@ def training_inputs(cfg: RunConfig, texts) -> TrainingInputs:
         return TrainingInputs(train, val, cache.dim, cache.manifest["rows"] - len(val))
     train_texts, val_texts = split_by_id(reshuffled_each_epoch(as_dataset(texts), cfg.train.seed), fraction, seed)
     val_cache = build_cache(val_texts, cfg.teacher, cache_root, cfg.allow_hub, models)
+    if val_cache.dim is None:
+        raise InputsError(f"train.mode: stream learns the teacher's dimension from the validation rows, and none of "
+                          f"the {rows} rows was held out; raise data.validation_size")
     stream = embed_dataset(train_texts, cfg.teacher, models, cfg.allow_hub)
     return TrainingInputs(stream, val_cache.read_table(), val_cache.dim, rows - val_cache.manifest["rows"])
 

@@ -13,8 +13,8 @@ from leaf_ray.config import RayConfig
 
 log = logging.getLogger(__name__)
 # Logical CPUs of the light Ray Data tasks that feed training (reading cache parts, hashing ids). Training workers
-# hold their CPUs for the whole run; tasks asking a whole CPU beside them would wait for ever on a small machine
-# (2 workers x 0.5 CPU + a teacher actor on 2 cores leaves half a CPU), so they ask for a fraction.
+# and a streaming teacher actor hold their CPUs for the whole run; a task asking a whole CPU beside them waits for
+# ever on a small machine (1 worker x 0.5 CPU + a 1-CPU teacher actor on 2 cores leave half a CPU).
 DATA_TASK_CPUS = 0.25
 
 

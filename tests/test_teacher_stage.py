@@ -75,6 +75,20 @@ def test_stage_matches_plain_encoding_and_keeps_every_id_once(ray_local, tiny_te
     assert cosines(teacher_embeddings(swapped, cfg, tmp_path), vectors).max() < 0.9999
 
 
+def test_two_writer_actors_write_every_id_once_from_a_dataset(ray_local, tiny_teacher, tmp_path):
+    """A Dataset in many blocks through a pool of 2 actors, each writing the parts of the chunks it embeds."""
+    import ray
+
+    table = text_table(700, seed=11)
+    cfg = teacher_cfg(tiny_teacher, min_actors=2, max_actors=2, num_cpus_per_actor=0.5)
+    cache = build_cache(ray.data.from_arrow([table.slice(i, 90) for i in range(0, 700, 90)]), cfg, tmp_path)
+    ids = cache.read_table(["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 700 and set(ids) == set(table.column("id").to_pylist())
+    assert cache.chunks == 11 and cache.missing_chunks() == []
+    assert cosines(cache.vectors_for(table.column("id").to_pylist()), plain_encode(tiny_teacher, table, cfg)).min() > 0.9999
+    assert build_cache(table, cfg, tmp_path).path == cache.path  # the same rows as a table: the same cache
+
+
 def test_chunks_are_planned_by_id_hash_alike_in_process_and_on_ray(ray_local):
     """A row's chunk depends only on its id, and the plan (sizes, digests, fingerprint) only on the set of rows:
     the same from a table, from a Dataset in other blocks and order, and changed by any row's content."""

@@ -400,7 +400,7 @@ def build_mix(cfg: DataConfig, *, chunk_bytes: int = CHUNK_BYTES, block_rows: in
     if cfg.dedupe_texts:
         rows = rows.groupby("_b", num_partitions=partitions).map_groups(_first_texts, batch_format="pyarrow")
     tagged = rows.materialize()
-    del read
+    del read, rows  # the lazy plan holds the read's blocks: let the object store free them
 
     stats = _small(tagged.map_batches(_tag_stats, batch_format="pyarrow", batch_size=None))
     if stats is None:

@@ -454,7 +454,9 @@ def blank(texts) -> pa.Array:
 
 
 def sample_keys(ids, hash_key: str) -> np.ndarray:
-    """A seeded 64-bit key per id (siphash): a source keeps the rows with the n smallest keys."""
+    """A seeded 64-bit key per id (pandas' vectorised siphash): a source keeps the rows with the n smallest keys.
+    Were pandas to change it, a limited source would sample other rows, so its mix (and cache address) would
+    change: a cache miss, never a wrong cache."""
     from pandas.util import hash_array
 
     values = ids.to_numpy(zero_copy_only=False) if hasattr(ids, "to_numpy") else np.asarray(ids, dtype=object)

@@ -122,7 +122,8 @@ class TeacherCache:
     def existing_chunks(path: Path | str | StoragePath) -> int | None:
         """The chunk count of a cache already at `path` (its layout), or None."""
         manifest_file = resolve(path, "teacher cache") / MANIFEST
-        return _read_manifest(manifest_file).get("chunks") if manifest_file.is_file() else None
+        manifest = _read_manifest(manifest_file) if manifest_file.is_file() else {}
+        return manifest.get("chunks") if manifest.get("chunking") == CHUNKING else None
 
     @classmethod
     def load(cls, path: Path | str | StoragePath) -> TeacherCache:
@@ -182,6 +183,26 @@ class TeacherCache:
                 and vectors.value_type == pa.from_numpy_dtype(np.dtype(self.manifest["dtype"]))
                 and self.dim in (None, vectors.list_size))
 
+    def part_width(self, index: int) -> int | None:
+        """The vector width in part `index`'s footer (None: no readable part)."""
+        part = self.part_location(index)
+        try:
+            vectors = pq.read_metadata(part.path, filesystem=part.filesystem).schema.to_arrow_schema().field(
+                "embedding").type
+        except (pa.ArrowInvalid, OSError, KeyError):
+            return None
+        return vectors.list_size if pa.types.is_fixed_size_list(vectors) else None
+
+    def adopt_dim(self) -> None:
+        """Take the width of the first part that holds its chunk's rows when the manifest has none yet: actors write
+        parts before the driver records the width, so a run killed in between leaves parts and no `dim`."""
+        if self.dim is not None:
+            return
+        for index in range(self.chunks):
+            if self.chunk_rows_of(index) and self.chunk_ok(index):
+                self.set_dim(self.part_width(index))
+                return
+
     def missing_chunks(self, on_damaged: str = "recompute") -> list[int]:
         """Chunks without a part that counts; footers are checked in parallel (one round trip each on a bucket)."""
         with ThreadPoolExecutor(CHECK_THREADS) as pool:
@@ -237,8 +258,12 @@ class TeacherCache:
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
         """The whole cache (id, text, kind, embedding, or just `columns`) in one table: for small caches (an
         evaluation corpus); training streams the parts with `dataset()`."""
-        return pa.concat_tables([pq.read_table(part.path, columns=columns, filesystem=part.filesystem)
-                                 for part in self.parts()])
+        tables = [pq.read_table(part.path, columns=columns, filesystem=part.filesystem) for part in self.parts()]
+        if tables:
+            return pa.concat_tables(tables)
+        empty = pa.schema([("id", pa.string()), ("text", pa.string()), ("kind", pa.string()),
+                           ("embedding", pa.list_(pa.float32(), self.dim or 0))])
+        return empty.empty_table().select(columns or empty.names)
 
     def vectors_for(self, ids: list[str]) -> np.ndarray:
         """The vectors of `ids` (each cached) in that order: for small caches, as read_table."""
@@ -248,7 +273,7 @@ class TeacherCache:
         return embedding_matrix(cached.column("embedding"))[index]
 
     def embeddings(self) -> np.ndarray:
-        """All vectors as a (rows, dim) float32 array, in row order."""
+        """All vectors as a (rows, dim) float32 array, in the cache's order (by chunk, then by id hash)."""
         return embedding_matrix(self.read_table(["embedding"]).column("embedding"))
 
     def dataset(self, shuffle_seed: int | None = None):

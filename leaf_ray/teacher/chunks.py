@@ -18,7 +18,6 @@ import pyarrow as pa
 from leaf_ray.hashing import DIGEST_PIECES, chunk_of, row_digests, set_digest
 
 SUMS = [f"s{i}" for i in range(DIGEST_PIECES)]
-PLAN_PARTITIONS = 16  # the partial sums are a few numbers per block and chunk: a small shuffle is enough
 
 
 @dataclass(frozen=True)
@@ -69,14 +68,25 @@ def plan_table(table: pa.Table, chunks: int) -> ChunkPlan:
     return _plan(block_sums(table, chunks), chunks)
 
 
+def task_shuffled(ds):
+    """`ds` (and what is made from it) grouped by Ray Data's task-based sort shuffle. The hash shuffle runs
+    aggregator actors that hold CPUs; next to a teacher pool on a small machine, or after a failed run whose
+    aggregators are still going away, they can leave the stage waiting for a CPU that never frees."""
+    from ray.data.context import ShuffleStrategy
+
+    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    return ds
+
+
 def plan_dataset(texts, chunks: int) -> ChunkPlan:
     """The plan of a Ray Dataset of text rows: partial sums per block, combined by a Ray Data groupby, so the
     driver receives one small row per chunk."""
     import ray
     from ray.data.aggregate import Sum
 
-    partials = texts.map_batches(block_sums, fn_kwargs={"chunks": chunks}, batch_format="pyarrow")
-    combined = partials.groupby("chunk", num_partitions=min(chunks, PLAN_PARTITIONS)).aggregate(*(Sum(c, alias_name=c) for c in ["rows", *SUMS]))
+    partials = task_shuffled(texts.map_batches(block_sums, fn_kwargs={"chunks": chunks}, batch_format="pyarrow",
+                                               batch_size=None))
+    combined = partials.groupby("chunk").aggregate(*(Sum(c, alias_name=c) for c in ["rows", *SUMS]))
     tables = [t.select(_PARTIAL_SCHEMA.names).cast(_PARTIAL_SCHEMA) for t in ray.get(combined.to_arrow_refs())
               if len(t)]
     return _plan(pa.concat_tables(tables) if tables else _PARTIAL_SCHEMA.empty_table(), chunks)

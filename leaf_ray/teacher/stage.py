@@ -20,14 +20,15 @@ from leaf_ray.config import TeacherConfig
 from leaf_ray.storage import DEFAULT_LOCAL_CACHE, StoragePath, resolve
 from leaf_ray.teacher.backends import make_backend
 from leaf_ray.teacher.cache import TeacherCache, teacher_fingerprint
-from leaf_ray.teacher.chunks import ChunkPlan, chunk_count, plan_dataset, plan_table, with_chunk
+from leaf_ray.teacher.chunks import ChunkPlan, chunk_count, plan_dataset, plan_table, task_shuffled, with_chunk
 
 log = logging.getLogger(__name__)
 # Rows per actor call = this many teacher forward batches: big enough to amortise Ray overhead,
 # small enough to keep every actor of a pool busy.
 FORWARD_BATCHES_PER_CALL = 4
-# Shuffle partitions of the chunk groupby, each one actor task over its chunks: enough to keep a large pool busy,
-# few enough that the shuffle stays cheap. A retried task skips the parts it already wrote.
+TABLE_BLOCK_ROWS = 1024  # an in-memory table becomes Ray Data blocks of this many rows
+# Groups of chunks (one actor task each) of the chunk groupby: enough to keep a large pool busy, few enough that
+# the shuffle stays cheap. A retried task skips the parts it already wrote.
 WRITE_PARTITIONS = 200
 
 
@@ -89,7 +90,10 @@ def as_dataset(texts):
     """A Ray Dataset of text rows; an in-memory table (an evaluation corpus, a test) is put in the object store."""
     import ray
 
-    return ray.data.from_arrow(texts) if isinstance(texts, pa.Table) else texts
+    if not isinstance(texts, pa.Table):
+        return texts
+    return ray.data.from_arrow([texts.slice(i, TABLE_BLOCK_ROWS) for i in range(0, len(texts), TABLE_BLOCK_ROWS)]
+                               or [texts])
 
 
 def plan_for(texts, teacher: TeacherConfig, cache_root: str | Path | StoragePath) -> tuple[StoragePath, ChunkPlan]:
@@ -111,18 +115,24 @@ def cache_path_for(texts, teacher: TeacherConfig, cache_root: str | Path) -> Pat
 
 
 class CacheWriter:
-    """Ray Data callable class for `map_groups`: embeds one whole chunk and writes its cache part itself, so no
-    vector passes through the driver. Returns one small row per chunk for the driver's progress and checks."""
+    """Ray Data callable class over blocks sorted by chunk: embeds each whole chunk and writes its cache part
+    itself, so no vector passes through the driver. Returns one small row per chunk for the driver's progress and
+    checks."""
 
     def __init__(self, teacher: TeacherConfig, cache: TeacherCache, model_root: str, allow_hub: bool = False):
         self.embedder = TeacherEmbedder(teacher, model_root, allow_hub)
         self.cache, self.batch_size = cache, teacher.batch_size * FORWARD_BATCHES_PER_CALL
 
-    def __call__(self, rows: pa.Table) -> pa.Table:
-        chunk = rows.column("chunk")[0].as_py()
-        if self.cache.dim is not None and self.cache.chunk_ok(chunk):  # written by an earlier try of this task
-            return pa.table({"chunk": [chunk], "rows": [len(rows)], "dim": [self.cache.dim], "written": [True],
-                             "truncated": [0]})
+    def __call__(self, block: pa.Table) -> pa.Table:
+        chunks = block.column("chunk").to_numpy()
+        starts = np.flatnonzero(np.r_[True, chunks[1:] != chunks[:-1]])
+        return pa.concat_tables([self.write(int(chunks[start]), block.slice(start, stop - start))
+                                 for start, stop in zip(starts, [*starts[1:], len(chunks)])])
+
+    def write(self, chunk: int, rows: pa.Table) -> pa.Table:
+        if self.cache.chunk_ok(chunk):  # written by an earlier try of this task
+            return pa.table({"chunk": [chunk], "rows": [len(rows)], "dim": [self.cache.part_width(chunk)],
+                             "written": [True], "truncated": [0]})
         # Sorted by kind and length, so each forward batch has one prompt and little padding.
         rows = rows.append_column("_len", pc.utf8_length(rows.column("text"))).sort_by(
             [("kind", "ascending"), ("_len", "ascending")])
@@ -159,6 +169,7 @@ def build_cache(texts, teacher: TeacherConfig, cache_root: str | Path | StorageP
         root = resolve(cache_root, "cache_root")
         model_root = root.native() if root.is_local else DEFAULT_LOCAL_CACHE.expanduser()
     cache = TeacherCache.open(path, teacher, plan, teacher.chunk_rows)
+    cache.adopt_dim()
     missing = cache.missing_chunks(teacher.on_damaged_cache)
     if not missing:
         if not cache.complete:
@@ -183,10 +194,14 @@ def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_ro
     """
     import ray
 
-    todo = as_dataset(texts).map_batches(_keep_chunks, fn_kwargs={"chunks": cache.chunks, "keep": missing},
-                             batch_format="pyarrow")
-    records = todo.groupby("chunk", num_partitions=min(len(missing), WRITE_PARTITIONS)).map_groups(
-        CacheWriter,
+    partitions = min(len(missing), WRITE_PARTITIONS)
+    todo = task_shuffled(as_dataset(texts).map_batches(
+        _keep_chunks, fn_kwargs={"chunks": cache.chunks, "keep": missing}, batch_format="pyarrow"))
+    # Sorted (a sort shuffle makes as many blocks as it gets) and materialised before the pool starts: the sort's
+    # tasks never wait for CPUs that teacher actors hold. A chunk's rows land in one block.
+    grouped = todo.repartition(partitions).sort("chunk").materialize()
+    records = grouped.map_batches(
+        CacheWriter, batch_size=None,
         fn_constructor_kwargs={"teacher": teacher, "cache": cache, "model_root": str(model_root),
                                "allow_hub": allow_hub},
         batch_format="pyarrow",
