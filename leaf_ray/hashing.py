@@ -17,7 +17,9 @@ import numpy as np
 # A row's content digest is 128 bits, kept as four 32-bit pieces in int64 columns so that their sums (the
 # order-independent digest of a set of rows) cannot overflow below two billion rows.
 DIGEST_PIECES = 4
-CHUNKING = "blake2b-64(id) mod chunks"  # recorded in cache manifests: the layout that parts follow
+# Recorded in cache manifests: the layout parts follow. Any change to id_hashes must change this string, so
+# caches of the old layout are refused by name instead of failing their digest checks.
+CHUNKING = "blake2b-64(id, keyed 'leaf-chunk') mod chunks"
 
 
 def _u64(values: Iterable[str], salt: str) -> np.ndarray:

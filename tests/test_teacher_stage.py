@@ -238,3 +238,16 @@ def test_bundled_minilm_on_train_text_equals_sentence_transformers(ray_local, da
     assert len(ids) == len(set(ids)) == 1000 and set(ids) == set(table.column("id").to_pylist())
     expected = plain_encode(resolve_model(MINILM_ID), table, cfg)
     assert cosines(cache.vectors_for(table.column("id").to_pylist()), expected).min() > 0.9999
+
+
+def test_a_cache_of_an_older_layout_is_refused_by_name(tmp_path):
+    """A manifest whose `chunking` is not today's (parts laid out by another hash) is never reused or replanned."""
+    table = text_table(40)
+    cfg = teacher_cfg(tmp_path / "teacher")
+    plan = plan_table(table, 1)
+    cache = TeacherCache.open(tmp_path / "cache", cfg, plan, cfg.chunk_rows)
+    manifest = tmp_path / "cache" / "manifest.json"
+    manifest.write_text(json.dumps(cache.manifest | {"chunking": "rows in input order"}))
+    assert TeacherCache.existing_chunks(tmp_path / "cache") is None
+    with pytest.raises(CacheMismatchError, match="older part layout"):
+        TeacherCache.open(tmp_path / "cache", cfg, plan, cfg.chunk_rows)
