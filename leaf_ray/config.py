@@ -224,7 +224,7 @@ class TrainConfig(_Section):
     seed: int = 0
     checkpoint_every_steps: int | None = Field(default=None, gt=0)  # None: once per epoch
     num_workers: int = Field(default=1, gt=0)
-    cpus_per_worker: float = Field(default=0.5, gt=0)  # fractional on small machines: see DESIGN.md
+    cpus_per_worker: float = Field(default=0.5, gt=0)  # fractional on small machines: Ray Data needs CPUs beside the workers
     gpus_per_worker: float = Field(default=0.0, ge=0)
     torch_threads: int | None = Field(default=None, gt=0)
     max_failures: int = Field(default=0, ge=-1)
@@ -297,7 +297,7 @@ class SweepConfig(_Section):
     quality_mode: Literal["student", "asymmetric"] = "student"  # the Pareto front's quality axis
     speed_metric: Literal["docs_per_s", "queries_per_s"] = "docs_per_s"  # the Pareto front's speed axis
     # Logical CPUs of a Tune trial (the Ray Train driver, which also evaluates its student); training workers
-    # ask train.cpus_per_worker / gpus_per_worker on top. Fractional on small machines: see DESIGN.md.
+    # ask train.cpus_per_worker / gpus_per_worker on top. Fractional on small machines, so Ray Data keeps CPUs.
     cpus_per_trial: float = Field(default=0.25, gt=0)
     max_concurrent_trials: int | None = Field(default=None, gt=0)  # None: as many as the cluster's resources fit
     asha: AshaConfig = AshaConfig()
