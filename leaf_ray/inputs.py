@@ -21,8 +21,6 @@ from leaf_ray.runs import RunFolder
 from leaf_ray.runtime import DATA_TASK_CPUS
 from leaf_ray.student import TeacherRows
 
-ROWS_PER_BLOCK = 1024  # Ray Data block size for an in-memory training table
-
 
 class InputsError(ValueError):
     """Training inputs that cannot be made; the message names the config field."""
@@ -39,11 +37,10 @@ class TrainingInputs:
     def in_memory(cls, train: pa.Table, val: pa.Table | TeacherRows, teacher_dim: int, seed: int = 0) -> TrainingInputs:
         """Inputs from a table of cached rows (small sets, tests, benchmarks), shuffled with `seed` and put in the
         object store."""
-        import ray
+        from leaf_ray.teacher.stage import as_dataset
 
         shuffled = train.take(np.random.default_rng(seed).permutation(len(train)))
-        blocks = [shuffled.slice(i, ROWS_PER_BLOCK) for i in range(0, len(shuffled), ROWS_PER_BLOCK)] or [shuffled]
-        return cls(ray.data.from_arrow(blocks), val, teacher_dim, len(train))
+        return cls(as_dataset(shuffled), val, teacher_dim, len(train))
 
 
 def validation_fraction(size: int, rows: int) -> float:

@@ -169,29 +169,31 @@ class TeacherCache:
         training). An empty chunk has no part."""
         if self.chunk_rows_of(index) == 0:
             return True
-        part = self.part_location(index)
-        if not part.is_file():
+        footer = self._footer(index)
+        if footer is None:
             return False
-        try:
-            meta = pq.read_metadata(part.path, filesystem=part.filesystem)
-            vectors = meta.schema.to_arrow_schema().field("embedding").type
-        except (pa.ArrowInvalid, OSError, KeyError):
-            return False
+        meta, vectors = footer
         return (meta.num_rows == self.chunk_rows_of(index)
                 and (meta.metadata or {}).get(DIGEST_KEY, b"").decode() == self.manifest["chunk_digests"][index]
                 and pa.types.is_fixed_size_list(vectors)
                 and vectors.value_type == pa.from_numpy_dtype(np.dtype(self.manifest["dtype"]))
                 and self.dim in (None, vectors.list_size))
 
-    def part_width(self, index: int) -> int | None:
-        """The vector width in part `index`'s footer (None: no readable part)."""
+    def _footer(self, index: int):
+        """(parquet metadata, embedding type) of part `index`, or None when there is no readable part."""
         part = self.part_location(index)
+        if not part.is_file():
+            return None
         try:
-            vectors = pq.read_metadata(part.path, filesystem=part.filesystem).schema.to_arrow_schema().field(
-                "embedding").type
+            meta = pq.read_metadata(part.path, filesystem=part.filesystem)
+            return meta, meta.schema.to_arrow_schema().field("embedding").type
         except (pa.ArrowInvalid, OSError, KeyError):
             return None
-        return vectors.list_size if pa.types.is_fixed_size_list(vectors) else None
+
+    def part_width(self, index: int) -> int | None:
+        """The vector width in part `index`'s footer (None: no readable part)."""
+        footer = self._footer(index)
+        return footer[1].list_size if footer and pa.types.is_fixed_size_list(footer[1]) else None
 
     def adopt_dim(self) -> None:
         """Take the width of the first part that holds its chunk's rows when the manifest has none yet: actors write
