@@ -107,7 +107,7 @@ def test_ray_job_submit_against_a_local_head(tiny_teacher, tmp_path):
     """The README's `ray job submit` flow against a head the test starts on 127.0.0.1 and stops after."""
     config = tiny_run_config(tmp_path, tiny_teacher, name="submitted")
     ray_bin = str(Path(sys.executable).parent / "ray")
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
@@ -115,6 +115,8 @@ def test_ray_job_submit_against_a_local_head(tiny_teacher, tmp_path):
     log = (temp_dir / "head.log").open("w")
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                             # the job agent's default port is held by any other Ray on this machine (the suite's own)
+                             f"--dashboard-agent-listen-port={agent}",
                              f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -200,7 +200,9 @@ def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_ro
     # Sorted (a sort shuffle makes as many blocks as it gets) and materialised before the pool starts: the sort's
     # tasks never wait for CPUs that teacher actors hold. A chunk's rows land in one block.
     grouped = todo.repartition(partitions).sort("chunk").materialize()
-    records = grouped.map_batches(
+    # Whole blocks (whole chunks) per call: the public map_batches refuses batch_size=None with GPUs, so this is
+    # the DeveloperAPI that Ray's own groupby().map_groups uses for the same purpose.
+    records = grouped.map_batches_internal(
         CacheWriter, batch_size=None,
         fn_constructor_kwargs={"teacher": teacher, "cache": cache, "model_root": str(model_root),
                                "allow_hub": allow_hub},
