@@ -33,8 +33,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
+# The unit tier, for between edits: no real models or full data sets, no Ray pipelines, jobs or clusters.
 test-fast: $(STAMP)
-	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=10 -m "not slow and not e2e" $(PYTEST_ARGS)
 
 clean:
 	rm -rf .leaf_cache runs .pytest_cache

@@ -320,6 +320,9 @@ class RayConfig(_Section):
     address: str | None = None  # None: connect to $RAY_ADDRESS if set, else start a local instance
     num_cpus: int | None = None  # local instance only
     num_gpus: int | None = None
+    # Custom resources a local instance advertises, e.g. {"train_pool": 1} for a train.resources_per_worker
+    # or {"accelerator_type:A100": 1} for an accelerator_type constraint, to try a cluster config on one machine.
+    resources: dict[str, float] = {}
 
 
 class StorageConfig(_Section):

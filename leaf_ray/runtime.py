@@ -41,6 +41,6 @@ def init_ray(cfg: RayConfig) -> str:
 
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port)
+    ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
     return "local"

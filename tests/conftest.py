@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import os
 from pathlib import Path
 
@@ -9,6 +12,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Object-store credentials for the S3 server tests start on 127.0.0.1 (moto accepts any key), set before the
+# session's Ray starts so its workers inherit them; the tests check the secret is never written anywhere.
+S3_SECRET = "leaf-test-secret-do-not-log"
+for _name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    os.environ.pop(_name, None)
+os.environ.update(AWS_ACCESS_KEY_ID="leaf-test-key", AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1")
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("LEAF_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -73,17 +82,39 @@ def data_root() -> Path:
     return DATA_ROOT
 
 
+# What the session's Ray advertises besides 2 CPUs: an accelerator label and a node-pool resource, for the
+# placement tests (train.accelerator_type, train.resources_per_worker).
+SESSION_RAY_RESOURCES = {"accelerator_type:A100": 1, "train_pool": 1}
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the session (2 CPUs, like the machines this runs on)."""
+    """The test run's one local Ray instance, started the way a local job starts it (2 CPUs, like the machines
+    this runs on); no test restarts it, and in-process jobs join it."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    from leaf_ray.config import RayConfig
+    from leaf_ray.runtime import init_ray
+
+    if ray.is_initialized():
+        pytest.fail("a test started Ray (e.g. Ray Data's auto-init) before the session's instance: request ray_local")
+    init_ray(RayConfig(num_cpus=2, resources=SESSION_RAY_RESOURCES))
+    os.environ.pop("RAY_API_SERVER_ADDRESS")  # its processes have it; the jobs tests start must find their own
+    ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def run_in_process(script: str, *args: str):
+    """A job or benchmark script's `main(args)` run in this process, on the session's Ray (request `ray_local`):
+    what it returns and what it printed. The scripts are files, not a package, so they are loaded by path."""
+    spec = importlib.util.spec_from_file_location(f"script_{Path(script).stem}", REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = module.main(list(args))
+    return result, printed.getvalue()
 
 
 # -- student / training fixtures ---------------------------------------------------------------------------

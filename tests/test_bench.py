@@ -146,6 +146,7 @@ def serving_result(tiny_student, scifact_slice, tmp_path_factory) -> Path:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
 def test_serving_script_writes_speedups_agreement_and_physical_limit(serving_result):
     report = json.loads(serving_result.read_text())
     assert report["benchmark"] == "serving" and report["docs_speedup"] > 0 and report["queries_speedup"] > 0
@@ -153,12 +154,12 @@ def test_serving_script_writes_speedups_agreement_and_physical_limit(serving_res
     assert set(report["speed"]) == {f"{name}/{path}" for name in ("teacher", "student") for path in paths}
     for row in report["speed"].values():
         assert {"docs_per_s", "queries_per_s", "query_latency_p50_ms", "query_latency_p95_ms"} <= set(row)
-    assert report["paper"]["docs_speedup"] == 6.5 and report["paper"]["queries_speedup"] == 7.3
     assert report["params"]["teacher"] > report["params"]["total"] > 0 and report["params"]["ratio"] > 1
     for checks in report["onnx_agreement"].values():
         assert checks["query"]["min_cosine"] > 0.9999 and checks["document"]["max_abs_diff"] < 1e-4
     limit = report["physical_limit"]
-    assert limit["flops_per_doc"]["teacher"] > limit["flops_per_doc"]["student"] > 0
+    for unit in ("flops_per_doc", "flops_per_query"):  # the leaf (2 of the teacher's 4 layers) costs less per text
+        assert limit[unit]["teacher"] > limit[unit]["student"] > 0
     assert limit["flops_ratio"]["docs"] > 1 and limit["matmul_gflops"]["student"] > 0
     assert set(limit["fraction_of_limit"]["teacher"]) == paths
     assert {report["best_path"]["student"][k]["path"] for k in ("docs", "queries")} <= paths
@@ -195,6 +196,7 @@ def peers_result(tiny_teacher, scifact_slice, tmp_path_factory) -> Path:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.e2e
 def test_peers_script_trains_both_recipes_on_one_budget_and_distills_model2vec(peers_result):
     report = json.loads(peers_result.read_text())
     results = report["results"]
@@ -214,6 +216,7 @@ def test_peers_script_trains_both_recipes_on_one_budget_and_distills_model2vec(p
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.e2e
 def test_report_collects_every_result_into_one_page(serving_result, peers_result, tmp_path):
     for path in [*(REPO / "bench" / "results").glob("*.json"), serving_result, peers_result,
                  serving_result.with_suffix(".png")]:

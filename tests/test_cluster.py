@@ -274,6 +274,7 @@ def _drive(spec_json: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+@pytest.mark.e2e
 def test_autoscaler_adds_fake_gpu_nodes_for_teacher_actors_and_removes_them(tiny_teacher, tmp_path):
     config = load_yaml(CLUSTER_DIR / "local-fake-gpu.yaml")
     rows, actors = 300, 2

@@ -367,6 +367,7 @@ def test_fingerprint_changes_with_one_text(tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.e2e
 def test_validation_split_is_by_id_hash_seeded_and_disjoint(ray_local, tmp_path):
     """Held-out rows are chosen by a seeded hash of the id: the same from a table and from a Dataset in any blocks,
     about `size` of them, at most a tenth of the mix."""

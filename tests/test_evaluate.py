@@ -327,6 +327,7 @@ def test_teacher_comes_from_the_manifest_unless_given(tmp_path):
         resolve_teacher(student, None, base)
 
 
+@pytest.mark.e2e
 def test_job_evaluates_a_student_dir_against_its_manifest_teacher(ray_local, tiny_teacher, tmp_path):
     from jobs.evaluate import main
 

@@ -45,7 +45,7 @@ from leaf_ray.teacher.stage import cache_path_for
 from leaf_ray.train import train_student
 from tests.conftest import DATA_ROOT, REPO, build_tiny_bert, random_texts
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]  # faults injected into real runs
 
 TEXTS, CHUNK = 2000, 40  # 50 cache chunks
 STEPS, CHECKPOINT_EVERY = 60, 10

@@ -25,13 +25,13 @@ from leaf_ray.config import (
     TrainConfig,
     load_config,
 )
-from leaf_ray.runs import RunFolder
+from leaf_ray.runs import RunFinishedError, RunFolder
 from leaf_ray.storage import StorageError, local_copy, parse_root, resolve
-from tests.conftest import text_rows, tiny_teacher_config
-from tests.test_distill import run_job, tiny_run_config
+from tests.conftest import S3_SECRET as SECRET
+from tests.conftest import run_in_process, text_rows, tiny_teacher_config
+from tests.test_distill import tiny_run_config
 
 BUCKET = "leaf-test"
-SECRET = "leaf-test-secret-do-not-log"  # moto accepts any key; the tests check it is never written anywhere
 
 
 def _free_port() -> int:
@@ -42,29 +42,20 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3():
-    """moto's S3 server on 127.0.0.1 with one bucket; credentials only in the environment (which local Ray
-    workers and job subprocesses inherit)."""
+    """moto's S3 server on 127.0.0.1 with one bucket; the credentials are only in the environment
+    (tests/conftest.py sets them before the session's Ray starts, so its workers and job subprocesses have them)."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    with pytest.MonkeyPatch.context() as env:
-        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            env.delenv(name, raising=False)
-        env.setenv("AWS_ACCESS_KEY_ID", "leaf-test-key")
-        env.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            endpoint = f"http://{host}:{port}"
-            fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True)
-            fs.create_dir(BUCKET)
-            yield SimpleNamespace(endpoint=endpoint, fs=fs, env={"AWS_ACCESS_KEY_ID": "leaf-test-key",
-                                                                 "AWS_SECRET_ACCESS_KEY": SECRET,
-                                                                 "AWS_DEFAULT_REGION": "us-east-1"})
-        finally:
-            server.stop()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True)
+        fs.create_dir(BUCKET)
+        yield SimpleNamespace(endpoint=f"http://{host}:{port}", fs=fs)
+    finally:
+        server.stop()
 
 
 def objects(fs: pafs.FileSystem, prefix: str) -> dict[str, int]:
@@ -110,11 +101,12 @@ def test_roots_parse_and_unusable_ones_name_the_field(tmp_path, monkeypatch):
 
 
 # -- everything on S3 ------------------------------------------------------------------------------------
-# The job test runs first: it starts its own Ray in a subprocess, before this module's in-process Ray exists.
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_distill_job_keeps_cache_checkpoints_student_and_report_in_the_bucket(s3, tiny_teacher, tmp_path):
+@pytest.mark.e2e
+def test_distill_job_keeps_cache_checkpoints_student_and_report_in_the_bucket(s3, ray_local, tiny_teacher, tmp_path,
+                                                                               capfd):
     from sentence_transformers import SentenceTransformer
 
     config = tiny_run_config(tmp_path, tiny_teacher)
@@ -122,9 +114,8 @@ def test_distill_job_keeps_cache_checkpoints_student_and_report_in_the_bucket(s3
                f"storage.endpoint_override={s3.endpoint}", f"storage.local_cache={tmp_path / 'local'}"]
     lighter = ["train.epochs=1", "train.checkpoint_every_steps=5", "evaluate.sts=null",
                "evaluate.quantizations=[float32]"]
-    proc = run_job("jobs/distill.py", "--config", str(config), *storage, *lighter, env=s3.env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert f"[leaf] student:  s3://{BUCKET}/job/runs/tiny/student" in proc.stdout
+    _, printed = run_in_process("jobs/distill.py", "--config", str(config), *storage, *lighter)
+    assert f"[leaf] student:  s3://{BUCKET}/job/runs/tiny/student" in printed
 
     run = objects(s3.fs, "job/runs/tiny")
     for name in ("student/model.safetensors", "student/leaf_manifest.json", "student/modules.json",
@@ -147,10 +138,10 @@ def test_distill_job_keeps_cache_checkpoints_student_and_report_in_the_bucket(s3
         assert json.loads((student / "leaf_manifest.json").read_text())["results"]["headline"]
     assert not (tmp_path / "runs").exists() and not (Path.cwd() / "s3:").exists()  # nothing went to local disk
     assert list((tmp_path / "local" / "runs").glob("*/tiny/student/model.safetensors"))  # but the working copy
-    assert_no_secret(s3.fs, proc.stdout, proc.stderr)
+    assert_no_secret(s3.fs, printed, *capfd.readouterr())
 
-    again = run_job("jobs/distill.py", "--config", str(config), *storage, env=s3.env)
-    assert again.returncode != 0 and f"already finished at s3://{BUCKET}/job/runs/tiny" in again.stderr
+    with pytest.raises(RunFinishedError, match=f"already finished at s3://{BUCKET}/job/runs/tiny"):
+        run_in_process("jobs/distill.py", "--config", str(config), *storage)
 
 
 def test_unusable_buckets_fail_up_front_naming_the_field(s3, tmp_path):
@@ -195,23 +186,9 @@ def test_storage_paths_read_write_and_copy_on_s3(s3, tmp_path):
     assert not (root / "dir").exists() and (root / "a.json").is_file()
 
 
-@pytest.fixture(scope="module")
-def ray_a100(s3):
-    """A local Ray instance that advertises an A100 accelerator and a custom training pool resource, started
-    after the S3 credentials are in the environment so its workers inherit them."""
-    import ray
-
-    if ray.is_initialized():  # the session's plain instance (tests/conftest.py) lacks these resources
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, resources={"accelerator_type:A100": 1, "train_pool": 1},
-             include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.timeout(600)
-def test_teacher_cache_in_s3_is_reused_and_resumed(s3, ray_a100, tiny_teacher, tmp_path):
+@pytest.mark.e2e
+def test_teacher_cache_in_s3_is_reused_and_resumed(s3, ray_local, tiny_teacher, tmp_path):
     from leaf_ray.teacher import TeacherCache, build_cache
 
     cfg = tiny_teacher_config(tiny_teacher, chunk_rows=64, num_cpus_per_actor=0.5, torch_threads=1)
@@ -245,7 +222,8 @@ def test_teacher_cache_in_s3_is_reused_and_resumed(s3, ray_a100, tiny_teacher, t
 
 
 @pytest.mark.timeout(600)
-def test_training_on_an_a100_pool_keeps_checkpoints_in_s3_and_resumes_from_them(s3, ray_a100, tiny_teacher,
+@pytest.mark.e2e
+def test_training_on_an_a100_pool_keeps_checkpoints_in_s3_and_resumes_from_them(s3, ray_local, tiny_teacher,
                                                                                  tiny_cache, tmp_path):
     from ray.util import placement_group_table
 

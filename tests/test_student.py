@@ -140,6 +140,7 @@ assert not any(name.startswith("leaf_ray") for name in sys.modules), "leaf_ray w
 """
 
 
+@pytest.mark.e2e
 def test_export_round_trip_without_leaf_ray(tiny_teacher, sample, tmp_path):
     cfg = StudentConfig(kind="teacher_layers", layers=[0, 3], max_length=64)
     teacher = tiny_teacher_config(tiny_teacher)

@@ -263,6 +263,7 @@ def test_request_batching_bounded_concurrency_and_order(fake_server, tiny_teache
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
 def test_endpoint_failure_mid_stage_leaves_only_whole_parts(ray_local, fake_server, tiny_teacher, tmp_path):
     """The server dies (503 forever) after some requests: the stage fails naming the endpoint, the cache is
     not marked complete and holds only whole parts (the rerun resumes from them)."""
@@ -288,6 +289,7 @@ def test_endpoint_failure_mid_stage_leaves_only_whole_parts(ray_local, fake_serv
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
 def test_api_key_stays_out_of_logs_manifests_and_errors(fake_server, tiny_teacher, tmp_path):
     """A real stage run in its own Ray instance with a unique key in the environment: the server gets it,
     and it appears in no log line (driver, Ray workers, DEBUG logging on), cache file, error or repr."""

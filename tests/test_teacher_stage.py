@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pytest
 
@@ -58,6 +61,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
+@pytest.mark.e2e
 def test_stage_matches_plain_encoding_and_keeps_every_id_once(ray_local, tiny_teacher, tmp_path):
     table = text_table(300)
     cfg = teacher_cfg(tiny_teacher)
@@ -75,6 +79,7 @@ def test_stage_matches_plain_encoding_and_keeps_every_id_once(ray_local, tiny_te
     assert cosines(teacher_embeddings(swapped, cfg, tmp_path), vectors).max() < 0.9999
 
 
+@pytest.mark.e2e
 def test_two_writer_actors_write_every_id_once_from_a_dataset(ray_local, tiny_teacher, tmp_path):
     """A Dataset in many blocks through a pool of 2 actors, each writing the parts of the chunks it embeds."""
     import ray
@@ -106,6 +111,7 @@ def test_chunks_are_planned_by_id_hash_alike_in_process_and_on_ray(ray_local):
     assert sum(a != b for a, b in zip(plan_table(edited, 6).digests, plan.digests)) == 1  # one chunk changed
 
 
+@pytest.mark.e2e
 def test_complete_cache_is_reused_without_loading_the_teacher(ray_local, tmp_path):
     model = build_tiny_bert(tmp_path / "teacher")
     table = text_table(100)
@@ -116,6 +122,7 @@ def test_complete_cache_is_reused_without_loading_the_teacher(ray_local, tmp_pat
     np.testing.assert_array_equal(again.embeddings(), first)
 
 
+@pytest.mark.e2e
 def test_teacher_embeddings_returns_input_order(ray_local, tiny_teacher, tmp_path):
     table = text_table(90, seed=3)
     cfg = teacher_cfg(tiny_teacher)
@@ -127,6 +134,7 @@ def test_teacher_embeddings_returns_input_order(ray_local, tiny_teacher, tmp_pat
     np.testing.assert_allclose(shuffled, expected, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_damaged_part_is_recomputed_alone_or_refused(ray_local, tiny_teacher, tmp_path):
     table = text_table(200)
     cfg = teacher_cfg(tiny_teacher)
@@ -147,6 +155,7 @@ def test_damaged_part_is_recomputed_alone_or_refused(ray_local, tiny_teacher, tm
     assert not repaired.chunk_ok(2) and repaired.missing_chunks() == [2]
 
 
+@pytest.mark.e2e
 def test_mismatched_cache_is_refused(ray_local, tmp_path):
     model = tmp_path / "teacher"
     table = text_table(130)
@@ -164,7 +173,8 @@ def test_mismatched_cache_is_refused(ray_local, tmp_path):
         build_cache(table, cfg, tmp_path / "cache")
 
 
-def test_interrupted_run_resumes_and_computes_only_missing_chunks(tiny_teacher, tmp_path):
+@pytest.mark.e2e
+def test_interrupted_run_resumes_and_computes_only_missing_chunks(ray_local, tiny_teacher, tmp_path):
     """SIGKILL a real run after its first parts land; the rerun computes only the rest."""
     n, chunk = 1200, 40
     table = text_table(n, seed=5)
@@ -185,29 +195,26 @@ def test_interrupted_run_resumes_and_computes_only_missing_chunks(tiny_teacher, 
     deadline = time.time() + 180
     while time.time() < deadline and len(list(cache_dir.glob("part-*.parquet"))) < 2 and proc.poll() is None:
         time.sleep(0.05)
-    import os
-
+    ray_processes = psutil.Process(proc.pid).children(recursive=True)  # its raylet and workers
     os.killpg(proc.pid, signal.SIGKILL)
+    for child in ray_processes:  # any that left the session too: no part may land after the count below
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
     proc.wait()
+    psutil.wait_procs(ray_processes, timeout=30)
     kept = sorted(int(p.stem.split("-")[1]) for p in cache_dir.glob("part-*.parquet"))
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     done = len(kept)
     assert 2 <= done < manifest["chunks"] and not manifest["complete"], "the run was not interrupted mid-stage"
 
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    try:
-        resumed = build_cache(table, cfg, tmp_path / "cache")
-        stats = resumed.manifest["last_run"]
-        assert stats["chunks_reused"] == done and stats["chunks_computed"] == resumed.chunks - done
-        assert stats["rows_computed"] == n - sum(resumed.chunk_rows_of(i) for i in kept)
-        fresh = build_cache(table, cfg, tmp_path / "fresh")
-        ids = table.column("id").to_pylist()
-        np.testing.assert_allclose(resumed.vectors_for(ids), fresh.vectors_for(ids), atol=1e-6)
-        assert sorted(resumed.read_table(["id"]).column("id").to_pylist()) == sorted(ids)
-    finally:
-        ray.shutdown()
+    resumed = build_cache(table, cfg, tmp_path / "cache")
+    stats = resumed.manifest["last_run"]
+    assert stats["chunks_reused"] == done and stats["chunks_computed"] == resumed.chunks - done
+    assert stats["rows_computed"] == n - sum(resumed.chunk_rows_of(i) for i in kept)
+    fresh = build_cache(table, cfg, tmp_path / "fresh")
+    ids = table.column("id").to_pylist()
+    np.testing.assert_allclose(resumed.vectors_for(ids), fresh.vectors_for(ids), atol=1e-6)
+    assert sorted(resumed.read_table(["id"]).column("id").to_pylist()) == sorted(ids)
 
 
 def test_teacher_output_checks():
@@ -222,6 +229,7 @@ def test_teacher_output_checks():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_bundled_minilm_on_train_text_equals_sentence_transformers(ray_local, data_root, tmp_path):
     """1,000 real texts through the stage equal plain sentence-transformers with the same prompts."""
     from leaf_ray.models import MINILM_ID, resolve_model

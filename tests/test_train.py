@@ -92,6 +92,7 @@ def cache_runs(ray_local, tiny_teacher, tiny_cache, tmp_path_factory):
 
 
 @pytest.mark.timeout(480)  # includes the two runs of the fixture
+@pytest.mark.e2e
 def test_ddp_two_workers_learn_on_disjoint_shards(cache_runs):
     cfg, train, result = cache_runs.cfg, cache_runs.train, cache_runs.second
     history = result.history()
@@ -119,6 +120,7 @@ def test_ddp_two_workers_learn_on_disjoint_shards(cache_runs):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
 def test_resume_continues_from_checkpoint(cache_runs):
     first, second, steps = cache_runs.first, cache_runs.second, cache_runs.steps
     assert first.steps == STOP_AT and not first.start["resumed"]
@@ -151,6 +153,7 @@ def test_a_run_refuses_another_student(tiny_teacher, tiny_cache, tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
 def test_stream_mode_learns_like_cache_mode(cache_runs, tiny_teacher, tiny_cache, tmp_path):
     """The same rows, split and student as the cache-mode run, with the teacher stage feeding the workers."""
     from leaf_ray.inputs import training_inputs

@@ -170,6 +170,7 @@ def sweep(tiny_teacher, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # each of these may be the one that runs the fixture (both sweep runs)
+@pytest.mark.e2e
 def test_interrupted_sweep_continues_without_redoing_finished_trials(sweep):
     assert sweep.first_rc != 0 and "run the same command again to continue" in sweep.first_log, sweep.first_log[-3000:]
     assert sweep.second.returncode == 0, sweep.second.stdout[-3000:] + sweep.second.stderr[-5000:]
@@ -182,6 +183,7 @@ def test_interrupted_sweep_continues_without_redoing_finished_trials(sweep):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.e2e
 def test_every_trial_is_reported_and_asha_stops_the_diverging_one(sweep):
     assert sweep.report is not None, sweep.second.stderr[-5000:]
     trials = {(t["params"]["student"], t["params"]["train.lr"]): t for t in sweep.report["trials"]}
@@ -206,6 +208,7 @@ def test_every_trial_is_reported_and_asha_stops_the_diverging_one(sweep):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.e2e
 def test_the_front_is_correct_and_exported_with_test_scores(sweep):
     from sentence_transformers import SentenceTransformer
 
@@ -232,6 +235,7 @@ def test_the_front_is_correct_and_exported_with_test_scores(sweep):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.e2e
 def test_the_teacher_ran_before_the_trials_and_never_during_them(sweep):
     after = cache_manifests(sweep.tmp / "cache")
     # the text mix and the validation queries and corpus, cached before the first run's tuner started ...
