@@ -11,6 +11,7 @@ re-embedded) in a block order reshuffled each epoch; in stream mode the teacher 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +20,9 @@ from leaf_ray.config import RunConfig
 from leaf_ray.hashing import held_out
 from leaf_ray.runs import RunFolder
 from leaf_ray.runtime import DATA_TASK_CPUS
-from leaf_ray.student import TeacherRows
+
+if TYPE_CHECKING:  # importing torch would cost every Ray Data worker that runs `_side` seconds per epoch
+    from leaf_ray.student import TeacherRows
 
 
 class InputsError(ValueError):
