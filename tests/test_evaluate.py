@@ -37,7 +37,7 @@ from leaf_ray.evaluate import (
     variants,
 )
 from leaf_ray.report import markdown_table, write_report
-from tests.conftest import REPO, build_tiny_bert
+from tests.conftest import REAL_VECTORS_CACHE, build_tiny_bert
 
 pytestmark = pytest.mark.timeout(600)
 QUANTS = ["float32", "int8", "binary"]
@@ -356,11 +356,11 @@ def test_job_evaluates_a_student_dir_against_its_manifest_teacher(ray_local, tin
 
 @pytest.fixture(scope="session")
 def minilm_teacher(ray_local):
-    """MiniLM through the project's teacher cache (.leaf_cache, as the jobs use it): a session encodes the
-    SciFact corpus at most once (~4 min on 2 idle cores), and later sessions reuse the cached vectors."""
+    """MiniLM through the project's teacher cache, kept across test runs: a cold machine encodes the SciFact corpus
+    once, later runs and clones reuse the cached vectors."""
     from leaf_ray.models import MINILM_ID
 
-    return teacher_cache_source(TeacherConfig(model=MINILM_ID, torch_threads=2), REPO / ".leaf_cache")
+    return teacher_cache_source(TeacherConfig(model=MINILM_ID, torch_threads=2), REAL_VECTORS_CACHE)
 
 
 @pytest.fixture(scope="session")
