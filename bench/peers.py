@@ -195,6 +195,7 @@ def main(argv=None) -> dict:
     train_rows = collect(inputs.train)  # sentence-transformers' trainer holds its data in memory
     init_dir = Path(init_dir.native())  # runs_root is the local work folder
     val = TeacherRows.of(inputs.val)
+    init_val = evaluate(load_student(init_dir), val, cfg.train.loss)  # what both peers start from
 
     trained, leaf_s, leaf_load = timed(train_student, cfg, inputs)
     st_path, st_s, st_load = timed(st_recipe, cfg, init_dir, train_rows, steps, work / "sentence-transformers")
@@ -245,6 +246,7 @@ def main(argv=None) -> dict:
                   "student": cfg.student.model_dump(), "train": cfg.train.model_dump(), "threads":
                       worker_threads(cfg.train), "speed_docs": len(documents), "speed_rounds": args.rounds},
         "shared": {"teacher_vectors_s": teacher_s, "init_student_s": init_s,
+                   "init_val_cosine": init_val["val_cosine"],
                    "note": "teacher vectors (the config's cache, reused when complete) and leaf-ray's initial student "
                            "are made once and used by both trained peers; not in their wall times"},
         "results": results,

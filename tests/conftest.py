@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("LEAF_DATA_DIR", REPO.parent / "shared" / "data"))
 # Teacher caches of the bundled real models' vectors of real data sets, kept across test runs and clones like the
 # Hugging Face cache: a cold machine encodes them once (minutes on 2 cores), later runs only read them.
-REAL_VECTORS_CACHE = Path(os.environ.get("LEAF_TEST_VECTORS_CACHE", Path.home() / ".cache" / "leaf-ray" / "test-vectors"))
+REAL_VECTORS_CACHE = Path(os.environ.get("LEAF_TEST_VECTORS_CACHE",
+                                         Path.home() / ".cache" / "leaf-ray" / "test-vectors"))
 WORDS = ("the a of to and in is for on with as by at from protein cell gene study results patients effect "
          "model data method increase decrease human mouse treatment risk analysis expression level").split()
 

@@ -181,7 +181,7 @@ def peers_result(tiny_teacher, scifact_slice, tmp_path_factory) -> Path:
         "data": {"validation_size": 16, "sources": [{"path": str(texts)}]},
         "teacher": {"model": str(tiny_teacher), "query_prompt": "query: ", "max_length": 64, "batch_size": 32,
                     "num_cpus_per_actor": 0.5, "torch_threads": 1},
-        "student": {"kind": "teacher_layers", "layers": [0, 2], "max_length": 64, "projection_init_samples": 64},
+        "student": {"kind": "teacher_layers", "layers": [0, 2], "max_length": 64, "projection_init": "random"},
         "train": {"epochs": 1, "batch_size": 16, "lr": 5e-4, "warmup_steps": 2, "num_workers": 1,
                   "cpus_per_worker": 0.5, "torch_threads": 1},
         "evaluate": {"datasets": [str(scifact_slice)], "sts": None, "batch_size": 32},
@@ -203,8 +203,8 @@ def test_peers_script_trains_both_recipes_on_one_budget_and_distills_model2vec(p
     assert set(results) == {"leaf-ray", "sentence-transformers", "model2vec"}
     leaf, st, m2v = results["leaf-ray"], results["sentence-transformers"], results["model2vec"]
     assert leaf["steps"] == st["steps"] == leaf["steps_trained"] == (200 - 16) // 16
-    for row in (leaf, st):
-        assert row["wall_s"] > 0 and -1 <= row["val_cosine"] <= 1
+    for row in (leaf, st):  # both peers train: closer to the teacher on held-out rows than where they started
+        assert row["wall_s"] > 0 and report["shared"]["init_val_cosine"] < row["val_cosine"] <= 1
         assert all(0 <= row["ndcg_at_10"][mode] <= 1 for mode in ("standard", "asymmetric"))
     assert m2v["distill_s"] > 0 and 0 <= m2v["ndcg_at_10"]["standard"] <= 1
     assert m2v["ndcg_at_10"]["asymmetric"] is None and "impossible" in m2v["asymmetric_note"]

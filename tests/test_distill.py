@@ -138,8 +138,8 @@ def test_ray_job_submit_against_a_local_head(tiny_teacher, tmp_path):
         submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
                   "--runtime-env-json", runtime_env, "--", "python", "jobs/distill.py", "--config", str(config),
                   # the whole job, kept small: the in-process run above covers what each stage produces
-                  "train.max_steps=4", "evaluate.sts=null", "evaluate.quantizations=[float32]", "evaluate.max_corpus=60",
-                  "evaluate.max_queries=10"]
+                  "train.max_steps=4", "evaluate.sts=null", "evaluate.quantizations=[float32]",
+                  "evaluate.max_corpus=60", "evaluate.max_queries=10"]
         deadline = time.time() + 120
         while True:  # the head's job agent comes up after "Ray runtime started"; on a loaded machine, much after
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=800, cwd=REPO)
