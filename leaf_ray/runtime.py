@@ -16,8 +16,6 @@ log = logging.getLogger(__name__)
 # and a streaming teacher actor hold their CPUs for the whole run; a task asking a whole CPU beside them waits for
 # ever on a small machine (1 worker x 0.5 CPU + a 1-CPU teacher actor on 2 cores leave half a CPU).
 DATA_TASK_CPUS = 0.25
-# Seconds between a local Ray Train controller's polls of its workers (Ray's default suits clusters).
-LOCAL_TRAIN_POLL_S = 0.5
 
 
 def init_ray(cfg: RayConfig) -> str:
@@ -32,6 +30,11 @@ def init_ray(cfg: RayConfig) -> str:
         ray.init(address=address)
         log.info("joined Ray cluster at %s", address)
         return address
+    # One machine has no preemptible nodes for Ray Train to watch (the watcher is one more Python process per run),
+    # and its Train controller may poll its workers more often than a cluster's: each report and the end of a run
+    # wait for the next poll (Ray's 2 s suits clusters). Both stay as set when the environment sets them.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # Workers of a local instance inherit this process's environment (HF_HUB_OFFLINE, LEAF_DATA_DIR).
     # The dashboard process serves the State API, which Ray Train's placement-group cleaner polls every
     # second (without it, the log fills with "Failed to query Ray Train Controller actor state").
@@ -41,11 +44,6 @@ def init_ray(cfg: RayConfig) -> str:
     # port, and the instance's processes (started with this environment) are told where it is.
     from leaf_ray.teacher.vllm_server import free_port
 
-    # One machine has no preemptible nodes for Ray Train to watch (the watcher is one more Python process per run),
-    # and its Train controller may poll its workers more often than a cluster's: each report and the end of a run
-    # wait for the next poll. Both stay as set when the environment sets them.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(LOCAL_TRAIN_POLL_S))
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
