@@ -38,9 +38,9 @@ from leaf_ray.data import build_mix
 from leaf_ray.inputs import collect, training_inputs
 from leaf_ray.evaluate import (
     MODES,
+    beir_dataset,
     build_sources,
     evaluate_retrieval,
-    load_beir,
     student_prompts,
 )
 from leaf_ray.models import load_sentence_transformer, resolve_model
@@ -203,8 +203,8 @@ def main(argv=None) -> dict:
     static, m2v_s, m2v_load = timed(model2vec_distill, cfg, work / "model2vec")
 
     dataset = cfg.evaluate.datasets[0]
-    data = load_beir(cfg.data.resolve_path(dataset), cfg.evaluate.split, cfg.evaluate.max_corpus,
-                     cfg.evaluate.max_queries, cfg.evaluate.seed)
+    data = beir_dataset(cfg.data, dataset, cfg.evaluate.split, cfg.evaluate.max_corpus,
+                        cfg.evaluate.max_queries, cfg.evaluate.seed)
     leaf_scores = student_scores(cfg, data, trained.student_path)
     st_scores = student_scores(cfg, data, st_path)
 

@@ -152,6 +152,19 @@ def train_throughput(result: dict) -> list[str]:
             rows_table(["run", "steady samples/s", "wall s"], rows), *_load(result)]
 
 
+def scale(result: dict) -> list[str]:
+    rows = [[f"{p['rows']:,}", *(_n(p["stage_seconds"][s]) for s in ("mix", "teacher", "train")), _n(p["total_seconds"]),
+             _n(p["rows"] / p["total_seconds"]), _n(p["driver_peak_rss_mb"], 0), _n(p["worker_peak_rss_mb"], 0)]
+            for p in result["points"]]
+    return [result["setup"] + ".", "",
+            rows_table(["texts", "mix s", "teacher s", "train s", "total s", "texts/s", "driver peak MiB",
+                        "largest worker MiB"], rows),
+            (f"Driver peak RSS from the smallest to the largest size: {result['driver_rss_growth']:+.1%} (goal: "
+             f"{result['goals']['driver_rss_growth']}); largest run's wall time vs the smallest's scaled by rows: "
+             f"{result['time_vs_linear']:.2f}x (goal: {result['goals']['time_vs_linear']}). A driver holding the "
+             f"largest run's vectors would add {_n(result['largest_vectors_mb'], 0)} MiB.")]
+
+
 def scalars(result: dict) -> list[str]:
     rows = [[key, _n(value, 2)] for key, value in result.items() if isinstance(value, int | float | str | bool)]
     return [rows_table(["figure", "value"], rows)]
@@ -167,6 +180,7 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict], list[str]]]] = {
                                     teacher_stage),
     "teacher_backends_cpu": ("Teacher backends", "python bench/teacher_backends.py", teacher_backends),
     "train_throughput": ("Training: Ray Train vs a plain loop", "python bench/train_throughput.py", train_throughput),
+    "scale": ("Scale: the data path from 250k to 2M texts", "python bench/scale.py", scale),
 }
 ORDER = list(SECTIONS)
 

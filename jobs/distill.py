@@ -13,7 +13,8 @@ import logging
 from leaf_ray.bench import measure_encoders
 from leaf_ray.config import parse_args
 from leaf_ray.data import build_mix
-from leaf_ray.evaluate import build_sources, load_beir, run_evaluation
+from leaf_ray.errors import run_job
+from leaf_ray.evaluate import beir_dataset, build_sources, run_evaluation
 from leaf_ray.inputs import training_inputs
 from leaf_ray.models import load_sentence_transformer
 from leaf_ray.report import headline, write_report
@@ -28,8 +29,7 @@ def serving_throughput(cfg, student_path) -> dict:
     n = cfg.evaluate.throughput_samples
     if not n or not cfg.evaluate.datasets:
         return {}
-    sample = load_beir(cfg.data.resolve_path(cfg.evaluate.datasets[0]), cfg.evaluate.split, max_corpus=n,
-                       max_queries=n)
+    sample = beir_dataset(cfg.data, cfg.evaluate.datasets[0], cfg.evaluate.split, max_corpus=n, max_queries=n)
     encoders = {"teacher": load_sentence_transformer(cfg.teacher.model, cfg.storage.local_cache_path(),
                                                      max_length=cfg.teacher.max_length, allow_hub=cfg.allow_hub),
                 "student": load_sentence_transformer(str(student_path))}
@@ -77,4 +77,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -7,6 +7,7 @@ import logging
 
 from leaf_ray.config import parse_args
 from leaf_ray.data import build_mix
+from leaf_ray.errors import run_job
 from leaf_ray.runtime import init_ray
 from leaf_ray.teacher import build_cache
 
@@ -24,4 +25,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

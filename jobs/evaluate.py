@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from leaf_ray.config import DEFAULT_CONFIG, load_config
+from leaf_ray.errors import run_job
 from leaf_ray.evaluate import build_sources, resolve_teacher, run_evaluation
 from leaf_ray.report import write_report
 from leaf_ray.runtime import init_ray
@@ -55,4 +56,4 @@ def main(argv=None) -> dict[str, Path | str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

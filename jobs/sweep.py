@@ -11,6 +11,7 @@ import logging
 
 from leaf_ray.config import parse_args
 from leaf_ray.data import build_mix
+from leaf_ray.errors import run_job
 from leaf_ray.runs import RunFolder
 from leaf_ray.runtime import init_ray
 from leaf_ray.inputs import training_inputs
@@ -68,4 +69,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

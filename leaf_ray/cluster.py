@@ -28,10 +28,12 @@ from typing import Any
 
 import yaml
 
+from leaf_ray.errors import LeafRayError
+
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "configs" / "cluster"
 
 
-class ClusterConfigError(ValueError):
+class ClusterConfigError(LeafRayError, ValueError):
     """A launcher YAML or KubeRay manifest that would fail (or misbehave) on a real cluster."""
 
 

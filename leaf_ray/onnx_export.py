@@ -21,13 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from leaf_ray.errors import LeafRayError
+
 ONNX_CONFIG = "leaf_onnx.json"
 MODEL_FILE = "model.onnx"
 UNFUSED_FILE = "unfused.onnx"  # the exporter's graph, removed once the fused one is written
 GRAPH_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what BERT-like tokenizers produce
 
 
-class OnnxExportError(ValueError):
+class OnnxExportError(LeafRayError, ValueError):
     """A model the ONNX path cannot reproduce; the message names the module or setting."""
 
 

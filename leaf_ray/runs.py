@@ -14,11 +14,12 @@ import time
 from contextlib import contextmanager
 
 from leaf_ray.config import RunConfig
+from leaf_ray.errors import LeafRayError
 
 DONE = "run_complete.json"
 
 
-class RunFinishedError(RuntimeError):
+class RunFinishedError(LeafRayError, RuntimeError):
     """The run name already holds a finished run."""
 
 

@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from leaf_ray.errors import LeafRayError
+
 OBJECT_STORES = ("s3", "gs")
 # What must stay on local disk (reassembled bundled models, local copies of remote runs) when cache_root
 # is an object store and storage.local_cache is unset.
@@ -33,7 +35,7 @@ DEFAULT_LOCAL_CACHE = Path("~/.cache/leaf-ray")
 _FORMS = "a local path, file:///absolute/path, s3://bucket/prefix or gs://bucket/prefix"
 
 
-class StorageError(ValueError):
+class StorageError(LeafRayError, ValueError):
     """A storage root that cannot be used; the message names the config field."""
 
 

@@ -27,6 +27,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 
 from leaf_ray.config import StudentConfig, TeacherConfig
+from leaf_ray.errors import LeafRayError
 from leaf_ray.models import check_model_dir, resolve_model
 from leaf_ray.teacher.cache import embedding_matrix
 
@@ -36,7 +37,7 @@ MANIFEST_FORMAT = "leaf-ray-student/1"
 LAYER_PATHS = ("encoder.layer", "encoder.layers", "transformer.layer", "layers")
 
 
-class StudentError(ValueError):
+class StudentError(LeafRayError, ValueError):
     """A student that cannot be built or exported as configured; the message names the config field."""
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from leaf_ray.config import RunConfig, TrainConfig
+from leaf_ray.errors import LeafRayError
 from leaf_ray.inputs import TrainingInputs
 from leaf_ray.runs import RunFolder
 from leaf_ray.storage import StoragePath, local_copy
@@ -48,7 +49,7 @@ from leaf_ray.student import (MANIFEST_NAME, TeacherRows, build_student, export_
                               freeze_unused_parameters, load_flags, load_student, student_manifest,
                               teacher_parameter_count)
 
-class TrainError(ValueError):
+class TrainError(LeafRayError, ValueError):
     """A training setup that cannot work; the message names the config field."""
 
 
@@ -71,9 +72,9 @@ def leaf_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "l2") ->
     raise TrainError(f"train.loss {kind!r} is not one of l2, mse, cosine")
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, cycles: int = 1) -> float:
-    """LR multiplier at `step`: linear warmup, then constant, linear decay to 0 at `total`, or
-    `cyclic_linear` (the paper's): the post-warmup steps split into `cycles` linear decays, each
+def lr_factor(step: int, total: int, warmup: int, schedule: str, cycles: int = 1, floor: float = 0.0) -> float:
+    """LR multiplier at `step`: linear warmup, then constant, linear decay to `floor` at `total`, or
+    `cyclic_linear` (the paper's): the post-warmup steps split into `cycles` linear decays to `floor`, each
     restarting at the peak."""
     if step < warmup:
         return (step + 1) / warmup
@@ -82,7 +83,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, cycles: int = 1
     progress = (step - warmup) / max(total - warmup, 1)
     if schedule == "cyclic_linear":
         progress = (progress * cycles) % 1.0
-    return max(0.0, 1.0 - progress)
+    return floor + (1.0 - floor) * max(0.0, 1.0 - progress)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -95,7 +96,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_factor, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule, cycles=cfg.cycles))
+        lr_factor, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule, cycles=cfg.cycles,
+        floor=cfg.min_lr_ratio))
 
 
 def worker_threads(cfg: TrainConfig) -> int:

@@ -43,12 +43,13 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from leaf_ray.config import RunConfig, with_values
+from leaf_ray.errors import LeafRayError
 from leaf_ray.evaluate import (
     MODES,
+    beir_dataset,
     build_sources,
     bytes_per_vector,
     evaluate_retrieval,
-    load_beir,
     run_evaluation,
     student_prompts,
     teacher_cache_source,
@@ -68,7 +69,7 @@ QUALITY_METRIC = "ndcg_at_10"
 SPEED_ROUNDS = 3  # timing rounds per encoder (best kept): short samples on a shared machine are noisy
 
 
-class SweepError(ValueError):
+class SweepError(LeafRayError, ValueError):
     """A sweep that cannot run as configured; the message names the config field or folder."""
 
 
@@ -219,8 +220,8 @@ def validation_records(cfg: RunConfig, sources, modes) -> list[dict]:
     sweep, ev = cfg.sweep, cfg.evaluate
     records = []
     for name in ev.datasets:
-        data = load_beir(cfg.data.resolve_path(name), sweep.validation_split, sweep.validation_max_corpus,
-                         sweep.validation_max_queries, ev.seed)
+        data = beir_dataset(cfg.data, name, sweep.validation_split, sweep.validation_max_corpus,
+                            sweep.validation_max_queries, ev.seed)
         records += evaluate_retrieval(data, sources, ev.dims, ev.quantizations, modes=modes, progress=False)
     return records
 
@@ -351,8 +352,8 @@ def measure_speed(cfg: RunConfig, rows: Sequence[dict]) -> dict[str, dict]:
     from leaf_ray.student import teacher_prompts
 
     n = cfg.evaluate.throughput_samples
-    sample = load_beir(cfg.data.resolve_path(cfg.evaluate.datasets[0]), cfg.sweep.validation_split, max_corpus=n,
-                       max_queries=n, seed=cfg.evaluate.seed)
+    sample = beir_dataset(cfg.data, cfg.evaluate.datasets[0], cfg.sweep.validation_split, max_corpus=n,
+                          max_queries=n, seed=cfg.evaluate.seed)
     encoders = {"teacher": load_sentence_transformer(cfg.teacher.model, cfg.storage.local_cache_path(),
                                                      max_length=cfg.teacher.max_length, allow_hub=cfg.allow_hub)}
     prompts = {"teacher": teacher_prompts(cfg.teacher)}

@@ -109,15 +109,20 @@ def ray_local():
     ray.shutdown()
 
 
-def run_in_process(script: str, *args: str):
-    """A job or benchmark script's `main(args)` run in this process, on the session's Ray (request `ray_local`):
-    what it returns and what it printed. The scripts are files, not a package, so they are loaded by path."""
+def load_script(script: str):
+    """A job or benchmark script as a module (the scripts are files, not a package, so they load by path)."""
     spec = importlib.util.spec_from_file_location(f"script_{Path(script).stem}", REPO / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def run_in_process(script: str, *args: str):
+    """A job or benchmark script's `main(args)` run in this process, on the session's Ray (request `ray_local`):
+    what it returns and what it printed."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        result = module.main(list(args))
+        result = load_script(script).main(list(args))
     return result, printed.getvalue()
 
 

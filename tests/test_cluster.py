@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -200,8 +201,27 @@ def test_teacher_placement_options_reach_map_batches_only_when_set():
 
 # -- autoscaling simulation --------------------------------------------------------------------------------
 
+def _kill_a_gpu_node(ray, cache_root: Path, after_parts: int, stop: threading.Event, killed: dict) -> None:
+    """Once `after_parts` cache parts exist, SIGKILL every daemon of one live fake GPU node (its raylet and
+    agents; its actors and the objects it held die with them), as a reclaimed spot instance goes."""
+    import psutil
+
+    while not stop.is_set() and len(list(cache_root.rglob("part-*.parquet"))) < after_parts:
+        time.sleep(0.1)
+    gpu_nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n.get("Resources", {}).get("GPU", 0) > 0]
+    if stop.is_set() or not gpu_nodes:
+        return
+    flags = {f"--node_id={gpu_nodes[0]}", f"--node-id={gpu_nodes[0]}"}
+    daemons = [p for p in psutil.process_iter(["cmdline"]) if flags & set(p.info["cmdline"] or [])]
+    for process in daemons:
+        process.kill()
+    killed.update(node=gpu_nodes[0], processes=len(daemons),
+                  parts_before=len(list(cache_root.rglob("part-*.parquet"))))
+
+
 def _drive(spec_json: str) -> None:
-    """Driver process: join the fake cluster, run the teacher stage, watch nodes come and go; print JSON."""
+    """Driver process: join the fake cluster, run the teacher stage, watch nodes come and go (and kill one
+    mid-stage when the spec says `kill_gpu_node_after_parts`); print JSON."""
     import numpy as np
     import pyarrow as pa
     import ray
@@ -233,6 +253,10 @@ def _drive(spec_json: str) -> None:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    killed: dict = {}
+    if spec.get("kill_gpu_node_after_parts"):
+        threading.Thread(target=_kill_a_gpu_node, daemon=True, args=(
+            ray, Path(spec["cache_root"]), spec["kill_gpu_node_after_parts"], stop, killed)).start()
     time.sleep(0.5)
     n = spec["rows"]
     table = pa.table({"id": [f"t{i}" for i in range(n)], "text": random_texts(n, 7),
@@ -266,18 +290,17 @@ def _drive(spec_json: str) -> None:
         "scale_up_first_node_s": round(min(up) - stage_start, 2) if up else None,
         "scale_up_all_nodes_s": round(max(up) - stage_start, 2) if up else None,
         "scale_down_after_stage_s": round(max(down) - stage_end, 2) if down and len(down) == len(gpu) else None,
-        "last_run": cache.manifest.get("last_run"),
+        "last_run": cache.manifest.get("last_run"), "killed": killed,
+        "parts": len(list(Path(spec["cache_root"]).rglob("part-*.parquet"))),
     }
     print("RESULT " + json.dumps(out), flush=True)
     ray.shutdown()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-@pytest.mark.e2e
-def test_autoscaler_adds_fake_gpu_nodes_for_teacher_actors_and_removes_them(tiny_teacher, tmp_path):
-    config = load_yaml(CLUSTER_DIR / "local-fake-gpu.yaml")
-    rows, actors = 300, 2
+def _teacher_stage_on_a_fake_cluster(config: dict, tiny_teacher: Path, tmp_path: Path, rows: int, actors: int,
+                                     **spec) -> dict:
+    """The teacher stage of `rows` texts on `actors` one-GPU actors, driven in a process joined to a fresh fake
+    autoscaling cluster (stopped after): the driver's figures plus the harness's."""
     teacher = dict(model=str(tiny_teacher), max_length=64, batch_size=16, chunk_rows=50, torch_threads=1,
                    min_actors=actors, max_actors=actors, num_gpus_per_actor=1, num_cpus_per_actor=0.5)
     started = time.time()
@@ -286,7 +309,7 @@ def test_autoscaler_adds_fake_gpu_nodes_for_teacher_actors_and_removes_them(tiny
         address = cluster.start()
         head_up_s = round(time.time() - started, 2)
         spec = {"address": address, "rows": rows, "teacher": teacher, "cache_root": str(tmp_path / "cache"),
-                "scale_down_timeout_s": 90}
+                "scale_down_timeout_s": 90, **spec}
         proc = subprocess.run([sys.executable, "-c", "import sys, tests.test_cluster as t; t._drive(sys.argv[1])",
                                json.dumps(spec)], cwd=REPO, env=cluster.client_env(), capture_output=True,
                               text=True, timeout=200)
@@ -297,10 +320,19 @@ def test_autoscaler_adds_fake_gpu_nodes_for_teacher_actors_and_removes_them(tiny
     finally:
         cluster.stop()
     leftovers = cluster.own_pids()
-    result |= {"head_start_s": head_up_s, "total_seconds": round(time.time() - started, 2),
-               "actors": actors, "idle_timeout_minutes": config["idle_timeout_minutes"],
-               "autoscaler_update_interval_s": cluster.update_interval_s, "auth_mode": cluster.auth,
-               "processes_left_after_stop": len(leftovers)}
+    return result | {"head_start_s": head_up_s, "total_seconds": round(time.time() - started, 2),
+                     "actors": actors, "idle_timeout_minutes": config["idle_timeout_minutes"],
+                     "autoscaler_update_interval_s": cluster.update_interval_s, "auth_mode": cluster.auth,
+                     "processes_left_after_stop": len(leftovers)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.e2e
+def test_autoscaler_adds_fake_gpu_nodes_for_teacher_actors_and_removes_them(tiny_teacher, tmp_path):
+    config = load_yaml(CLUSTER_DIR / "local-fake-gpu.yaml")
+    rows = 300
+    result = _teacher_stage_on_a_fake_cluster(config, tiny_teacher, tmp_path, rows, actors=2)
     print(json.dumps(result, indent=1))
     record = RESULTS if os.environ.get("LEAF_RECORD_BENCH") == "1" else tmp_path / RESULTS.name  # checkout stays clean
     record.write_text(json.dumps(result, indent=1) + "\n")
@@ -312,4 +344,22 @@ def test_autoscaler_adds_fake_gpu_nodes_for_teacher_actors_and_removes_them(tiny
     assert result["gpu_nodes_launched"] <= config["max_workers"]
     assert result["max_gpus_in_use"] >= 1, "no actor ever held a (fake) GPU"
     assert result["gpu_nodes_removed"] == result["gpu_nodes_launched"], "idle GPU nodes were not removed"
-    assert leftovers == []
+    assert result["processes_left_after_stop"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.e2e
+def test_a_gpu_node_killed_mid_stage_loses_and_duplicates_no_row(tiny_teacher, tmp_path):
+    """One of two fake GPU nodes is killed once 2 of 12 parts are written: its chunks are redone on a node the
+    autoscaler brings up instead, and the cache holds every id exactly once."""
+    config = load_yaml(CLUSTER_DIR / "local-fake-gpu.yaml")
+    rows = 600
+    result = _teacher_stage_on_a_fake_cluster(config, tiny_teacher, tmp_path, rows, actors=2,
+                                              kill_gpu_node_after_parts=2, scale_down_timeout_s=0)
+    print(json.dumps(result, indent=1))
+    killed = result["killed"]
+    assert killed.get("processes", 0) >= 1 and killed["parts_before"] < result["parts"], "no node died mid-stage"
+    assert result["rows_in_cache"] == rows and result["unique_ids"] == rows and result["ids_match"]
+    assert result["finite"] and result["parts"] == rows // 50
+    assert result["processes_left_after_stop"] == 0

@@ -171,6 +171,8 @@ def test_parse_args_reads_config_and_overrides(tmp_path):
 
 def test_data_paths_resolve_against_the_data_root(tmp_path, monkeypatch):
     cfg = load_config(None, [f"data.root={tmp_path}"])
+    (tmp_path / "train-text").mkdir()
+    (tmp_path / "train-text" / "x.jsonl").write_text("")
     assert cfg.data.resolve_path("train-text/x.jsonl") == tmp_path / "train-text" / "x.jsonl"
     assert cfg.data.resolve_path("/abs/file.jsonl") == Path("/abs/file.jsonl")
     monkeypatch.setenv("LEAF_DATA_DIR", str(tmp_path / "env-root"))

@@ -112,6 +112,9 @@ def test_custom_field_names(tmp_path):
     write_jsonl(tmp_path / "x.jsonl", [{"qid": "1", "question": "what is a cell", "type": "query"}])
     table, _ = mix(tmp_path, {"path": "x.jsonl", "id_field": "qid", "text_field": "question", "kind_field": "type"})
     assert table.to_pylist() == [{"id": "1", "text": "what is a cell", "kind": "query"}]
+    table, _ = mix(tmp_path, {"path": "x.jsonl", "id_field": "qid", "text_field": "question", "kind_field": "type",
+                              "id_prefix": "cells:"})
+    assert table.column("id").to_pylist() == ["cells:1"]  # ids of two datasets that both count from 1 stay apart
 
 
 def test_beir_folder(tmp_path):
@@ -339,6 +342,33 @@ def test_missing_path_names_the_path_and_the_data_root(tmp_path):
     message = data_error(tmp_path, {"path": "nowhere/texts.jsonl", "name": "mine"})
     assert str(tmp_path / "nowhere" / "texts.jsonl") in message
     assert f"data root: {tmp_path}" in message and "'mine'" in message
+
+
+def test_a_glob_pattern_reads_its_files_in_name_order(tmp_path):
+    rows = rows_for(20, 10)
+    write_parquet(tmp_path / "shards" / "train-00001.parquet", rows[15:])
+    again = [{**r, "text": r["text"] + " again"} for r in rows[15:17]]  # 2 ids of the later file, first here
+    write_parquet(tmp_path / "shards" / "train-00000.parquet", rows[:15] + again)
+    table, report = mix(tmp_path, {"path": "shards/train-*.parquet", "name": "shards"}, duplicate_ids="dedupe")
+    assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in rows)
+    kept = dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))
+    assert [kept[r["id"]] for r in again] == [r["text"] for r in again]  # the first file in name order wins
+    assert report.read == {"shards": 32} and report.dropped_duplicate_id == 2
+    assert "matches no file" in data_error(tmp_path, {"path": "shards/test-*.parquet"})
+
+
+def test_id_less_parquet_rows_are_named_by_source_file_and_row(tmp_path):
+    texts = [{"text": f"passage number {i}"} for i in range(6)]
+    for part in ("a", "b"):  # the same file name under two folders of one pattern
+        write_parquet(tmp_path / f"pqa_{part}" / "train.parquet", texts[:3] if part == "a" else texts[3:],
+                      columns=("text",))
+    table, _ = mix(tmp_path, {"path": "pqa_*/train.parquet", "name": "pqa", "id_field": None, "kind": "document"})
+    assert sorted(table.column("id").to_pylist()) == [f"pqa:pqa_{p}/train.parquet:{i}" for p in "ab" for i in range(3)]
+    write_parquet(tmp_path / "one.parquet", texts, columns=("text",))
+    table, _ = mix(tmp_path, {"path": "one.parquet", "id_field": None, "kind": "document"})
+    assert sorted(table.column("id").to_pylist()) == [f"one.parquet:{i}" for i in range(6)]
+    with pytest.raises(ValueError, match="id_field: null .* needs a parquet source"):
+        DataSource(path="x.jsonl", id_field=None)
 
 
 def test_unknown_format_and_plain_directory(tmp_path):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -158,3 +159,60 @@ def test_ray_job_submit_against_a_local_head(tiny_teacher, tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def hub_layout_file(pattern: str) -> str:
+    """A file name the config's glob pattern matches: a class `[0-2]` becomes its first member, `*` a shard name."""
+    return re.sub(r"\[(.)[^]]*\]", r"\1", pattern).replace("*", "00000-of-00001")
+
+
+def test_the_paper_recipe_runs_end_to_end_from_a_cache_laid_out_like_the_hub(ray_local, tiny_teacher, tmp_path,
+                                                                              monkeypatch):
+    """configs/leaf-ir-paper.yaml as it is (its hf:// sources, id-less and integer-id parquet, cyclic schedule with
+    a floor, float16 cache), shrunk by overrides to tiny models and 30 rows per source, with every source's
+    dataset in a Hugging Face cache laid out as the Hub's (offline): the job reads, trains and evaluates."""
+    import huggingface_hub.constants
+
+    config = yaml.safe_load((REPO / "configs" / "leaf-ir-paper.yaml").read_text())
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    texts = iter(random_texts(60 * len(config["data"]["sources"]), seed=5))
+    for source in config["data"]["sources"]:
+        org, name, *inside = source["path"].removeprefix("hf://datasets/").split("/")
+        file = cache / f"datasets--{org}--{name}" / "snapshots" / ("0" * 40) / hub_layout_file("/".join(inside))
+        (cache / f"datasets--{org}--{name}" / "refs").mkdir(parents=True)
+        (cache / f"datasets--{org}--{name}" / "refs" / "main").write_text("0" * 40)
+        file.parent.mkdir(parents=True)
+        columns = {source.get("text_field", "text"): [f"{next(texts)} {source['name']} {i}" for i in range(60)]}
+        if source.get("id_field", "id") is not None:  # msmarco and pubmedqa ids are integers, as on the Hub
+            ids = list(range(60)) if source.get("id_field") in ("query_id", "pubid") else [f"x{i}" for i in range(60)]
+            columns[source.get("id_field", "id")] = ids
+        pq.write_table(pa.table(columns), file)
+    overrides = [f"data.sources.{i}.limit=30" for i in range(len(config["data"]["sources"]))] + [
+        f"data.root={DATA_ROOT}", "data.validation_size=16",
+        f"teacher.model={tiny_teacher}", "teacher.dtype=auto", "teacher.num_gpus_per_actor=0",
+        "teacher.accelerator_type=null", "teacher.num_cpus_per_actor=0.5", "teacher.max_actors=1",
+        "teacher.torch_threads=1", "teacher.max_length=64", "teacher.batch_size=32", "teacher.chunk_rows=64",
+        "student.kind=teacher_layers", "student.layers=[0,1]", "student.max_length=64",
+        "train.epochs=3", "train.batch_size=16", "train.gpus_per_worker=0", "train.accelerator_type=null",
+        "train.cpus_per_worker=0.5", "train.torch_threads=1", "train.validate_every_steps=null",
+        "train.checkpoint_every_steps=null", "train.max_failures=0", "train.log_every_steps=1",
+        "evaluate.sts=null", "evaluate.dims=[16]", "evaluate.quantizations=[float32]", "evaluate.max_corpus=60",
+        "evaluate.max_queries=10", "evaluate.throughput_samples=0", "evaluate.batch_size=32", "ray.num_cpus=2",
+        f"storage.cache_root={tmp_path / 'cache'}", f"storage.runs_root={tmp_path / 'runs'}"]
+    summary, _ = run_in_process("jobs/distill.py", "--config", "configs/leaf-ir-paper.yaml", *overrides)
+
+    mix = summary["text_mix"]
+    assert mix["read"] == {source["name"]: 60 for source in config["data"]["sources"]}
+    assert mix["kept"] == {"document": 60, "query": 120}
+    run = tmp_path / "runs" / "leaf-ir-paper"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [s["lr"] for s in steps if s.get("event") == "log"]
+    rises = [i for i in range(1, len(lrs)) if lrs[i] > lrs[i - 1]]  # the logged LR decays, restarting twice
+    assert len(rises) >= 2 and rises[1] - rises[0] == len(lrs) // 3  # cycles of one epoch (the last log may
+    # already show the next cycle's peak: each log shows the LR of the step after it)
+    assert max(lrs) <= 1e-4 * (1 + 1e-6) and 1e-5 * (1 - 1e-6) <= min(lrs) < 0.3 * max(lrs)  # 1e-4 -> 1e-5
+    assert (run / "run_complete.json").is_file()
+    ids = pa.concat_tables(pq.read_table(p, columns=["id"]) for p in (tmp_path / "cache" / "teacher").rglob(
+        "part-*.parquet"))["id"].to_pylist()
+    assert any(i.startswith("cc-news:") for i in ids) and any(i.startswith("amazon-qa:") for i in ids)

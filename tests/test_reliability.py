@@ -550,6 +550,8 @@ def test_distill_job_refuses_an_unwritable_run_folder_before_starting_ray(job, t
     run = subprocess.run([sys.executable, "jobs/distill.py", "--config", str(job.config), "name=unwritable",
                           f"storage.runs_root={tmp_path / 'file' / 'runs'}", f"storage.cache_root={tmp_path / 'c'}"],
                          check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
-    assert run.returncode != 0
-    assert "storage.runs_root" in run.stderr and "is not writable" in run.stderr
+    assert run.returncode == 2  # a user error: one line, no traceback (leaf_ray.errors.run_job)
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: storage.runs_root") and "is not writable" in last
+    assert "Traceback" not in run.stderr
     assert "Started a local Ray instance" not in run.stdout + run.stderr and not (tmp_path / "c").exists()

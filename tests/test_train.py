@@ -61,6 +61,10 @@ def test_schedules():
     assert lr_factor(9, 10, 0, "constant") == 1.0
     cyclic = [lr_factor(s, 8, 0, "cyclic_linear", cycles=2) for s in range(8)]
     assert cyclic == pytest.approx([1, 0.75, 0.5, 0.25, 1, 0.75, 0.5, 0.25])
+    # the paper's cycles: each decays 1e-4 -> 1e-5 (a floor of 0.1), restarting at the peak
+    paper = [lr_factor(s, 30, 0, "cyclic_linear", cycles=3, floor=0.1) for s in range(30)]
+    assert paper[0] == paper[10] == paper[20] == 1.0 and paper[9] == paper[19] == paper[29] == pytest.approx(0.19)
+    assert min(paper) > 0.1 and lr_factor(10, 10, 0, "linear", floor=0.1) == pytest.approx(0.1)
 
 
 def test_total_steps_and_error_names_fields():

@@ -15,6 +15,7 @@ without Ray.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
 import json
@@ -31,6 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from leaf_ray.config import DataConfig, DataSource
+from leaf_ray.errors import LeafRayError
 
 KINDS = ("query", "document")
 SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("kind", pa.string())])
@@ -38,7 +40,9 @@ SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("kind", pa.stri
 # text is empty or whitespace-only, and `_error` (set on the one row a failed read task emits instead).
 READ_SCHEMA = pa.schema([*SCHEMA, ("_src", pa.int32()), ("_pos", pa.int64()), ("_key", pa.uint64()),
                          ("_empty", pa.bool_()), ("_error", pa.string())])
-PART_SHIFT = 40  # _pos = part << 40 | offset: a BEIR folder's corpus (part 0) comes before its queries (part 1)
+# _pos = part << 40 | offset: a BEIR folder's corpus (part 0) comes before its queries (part 1), and the files of
+# a path pattern come in name order.
+PART_SHIFT = 40
 CHUNK_BYTES = 64 << 20  # plain .jsonl files are read in byte ranges of about this size
 BLOCK_ROWS = 50_000  # rows per block a read task emits
 _GZ_PIECE = 8 << 20
@@ -50,7 +54,7 @@ PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u200
 _BLANK_RE = "^[" + "".join(f"\\x{{{ord(c):04x}}}" for c in PY_WHITESPACE) + "]*$"
 
 
-class DataError(ValueError):
+class DataError(LeafRayError, ValueError):
     """Bad input data; the message names the file, line/row and field."""
 
     def __init__(self, message: str, offset: int = 0):
@@ -62,7 +66,7 @@ class DataError(ValueError):
 class Fields:
     """How one file's JSON objects / parquet columns become text rows."""
 
-    id_field: str = "id"
+    id_field: str | None = "id"  # None (parquet only): ids are the row numbers, after id_prefix
     text_field: str = "text"
     kind_field: str = "kind"
     kind: str | None = None  # every row gets this kind (the kind field is not read)
@@ -237,19 +241,23 @@ class Location:
 
 
 def locate(source: DataSource, cfg: DataConfig) -> Location:
-    """A source's path: absolute, under the data root, or an s3:// / gs:// URI (also as the data root)."""
+    """A source's path: absolute, under the data root (or the Hugging Face dataset it mirrors), hf://datasets/...,
+    or an s3:// / gs:// URI (also as the data root)."""
     from leaf_ray.storage import resolve
 
     raw_root = cfg.root or os.environ.get("LEAF_DATA_DIR") or ""
     uri = None
-    if "://" in source.path:
+    if "://" in source.path and not source.path.startswith("hf://"):
         uri = source.path
     elif "://" in raw_root and not Path(source.path).is_absolute():
         uri = f"{raw_root.rstrip('/')}/{source.path}"
     if uri is not None:
         where = resolve(uri, f"data source '{source.label}'")
         return Location(where.filesystem, where.path, where.uri)
-    path = cfg.resolve_path(source.path)
+    try:
+        path = cfg.resolve_path(source.path)  # an absolute path is returned as it is, missing or not
+    except DataError as exc:
+        raise DataError(f"data source '{source.label}': {exc}") from None
     return Location(pafs.LocalFileSystem(), os.path.abspath(path), str(path))
 
 
@@ -277,8 +285,30 @@ def sample_hash_key(seed: int, label: str) -> str:
 
 def plan_source(source: DataSource, src: int, cfg: DataConfig, chunk_bytes: int = CHUNK_BYTES) -> list[ReadPlan]:
     """The read tasks of one source, checked on the driver: the path exists, the format is known, a parquet
-    file has the columns it needs."""
+    file has the columns it needs. A path with a glob pattern (`train-*.parquet`) is its files in name order."""
     where = locate(source, cfg)
+    if not has_pattern(where.path):
+        return _plan_file(source, where, src, cfg, 0, chunk_bytes)
+    local = isinstance(where.filesystem, pafs.LocalFileSystem)
+    files = sorted(f for f in glob.glob(where.path) if os.path.isfile(f)) if local else []
+    if not files:
+        raise DataError(f"data source '{source.label}': {where.name} matches no file (patterns need a local "
+                        "or hf:// path)")
+    # id-less rows are named by their file below the pattern's fixed folder (pqa_a/train.parquet, pqa_b/...)
+    fixed = os.path.dirname(where.path[:min(i for i, c in enumerate(where.path) if c in "*?[")])
+    return [plan for part, file in enumerate(files)
+            for plan in _plan_file(source, Location(where.filesystem, file, file), src, cfg, part, chunk_bytes,
+                                   row_names=f"{source.label}:{os.path.relpath(file, fixed)}:")]
+
+
+def has_pattern(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _plan_file(source: DataSource, where: Location, src: int, cfg: DataConfig, part: int, chunk_bytes: int,
+               row_names: str | None = None) -> list[ReadPlan]:
+    """One file's (or BEIR folder's) read tasks; `part` orders a pattern's files, `row_names` is what rows of an
+    id-less parquet file are named after (default: the source's label)."""
     info = where.info()
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"data source '{source.label}': {where.name} does not exist "
@@ -291,8 +321,9 @@ def plan_source(source: DataSource, src: int, cfg: DataConfig, chunk_bytes: int 
             raise DataError(f"{where.name}: a BEIR source must be a folder with corpus.jsonl and queries.jsonl")
         plans = []
         # Ids are prefixed with `doc:` / `query:` because BEIR reuses ids across the two files.
-        for part, (name, fields) in enumerate((("corpus", replace(BEIR_CORPUS, id_prefix="doc:")),
-                                               ("queries", replace(BEIR_QUERIES, id_prefix="query:")))):
+        for part, (name, fields) in enumerate((("corpus", replace(BEIR_CORPUS, id_prefix=f"{source.id_prefix}doc:")),
+                                               ("queries", replace(BEIR_QUERIES,
+                                                                   id_prefix=f"{source.id_prefix}query:")))):
             if name in source.beir_parts:
                 file = where.child(f"{name}.jsonl")
                 file_info = file.info()
@@ -302,10 +333,11 @@ def plan_source(source: DataSource, src: int, cfg: DataConfig, chunk_bytes: int 
         return plans
     if info.type != pafs.FileType.File:
         raise DataError(f"{where.name}: a {fmt} source must be a file")
-    fields = Fields(source.id_field, source.text_field, source.kind_field, source.kind)
+    fields = Fields(source.id_field, source.text_field, source.kind_field, source.kind,
+                    id_prefix=source.id_prefix + ("" if source.id_field else row_names or f"{source.label}:"))
     if fmt == "parquet":
-        return _plan_parquet(where, fields, src, key)
-    return _plan_lines(where, info.size, fields, src, 0, key, chunk_bytes)
+        return _plan_parquet(where, fields, src, part, key)
+    return _plan_lines(where, info.size, fields, src, part, key, chunk_bytes)
 
 
 def _detect_format(where: Location, info: pafs.FileInfo) -> str:
@@ -327,7 +359,7 @@ def _plan_lines(where, size, fields, src, part, key, chunk_bytes) -> list[ReadPl
     return [ReadPlan(where, "lines", fields, src, part, key, a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def _plan_parquet(where: Location, fields: Fields, src: int, key: str | None,
+def _plan_parquet(where: Location, fields: Fields, src: int, part: int, key: str | None,
                   rows_per_task: int = 4 * BLOCK_ROWS) -> list[ReadPlan]:
     try:
         with where.filesystem.open_input_file(where.path) as handle:
@@ -335,7 +367,7 @@ def _plan_parquet(where: Location, fields: Fields, src: int, key: str | None,
             names = set(meta.schema.to_arrow_schema().names)
     except (OSError, pa.ArrowInvalid) as exc:
         raise DataError(f"{where.name}: not a readable parquet file ({exc})") from None
-    for name in (fields.id_field, fields.text_field):
+    for name in filter(None, (fields.id_field, fields.text_field)):
         if name not in names:
             raise DataError(f"{where.name}: missing column '{name}' (columns: {sorted(names)})")
     if fields.kind is None and fields.kind_field not in names:
@@ -344,7 +376,7 @@ def _plan_parquet(where: Location, fields: Fields, src: int, key: str | None,
     for g in range(meta.num_row_groups):
         rows += meta.row_group(g).num_rows
         if rows >= rows_per_task or g == meta.num_row_groups - 1:
-            plans.append(ReadPlan(where, "parquet", fields, src, 0, key, group, g + 1, first))
+            plans.append(ReadPlan(where, "parquet", fields, src, part, key, group, g + 1, first))
             group, first, rows = g + 1, first + rows, 0
     return plans
 
@@ -465,7 +497,7 @@ def sample_keys(ids, hash_key: str) -> np.ndarray:
 
 def _run_parquet(plan: ReadPlan, block_rows: int) -> Iterator[pa.Table]:
     f, name = plan.fields, plan.where.name
-    cols = [f.id_field, f.text_field] + ([] if f.kind else [f.kind_field])
+    cols = [c for c in (f.id_field, f.text_field) if c] + ([] if f.kind else [f.kind_field])
     with plan.where.filesystem.open_input_file(plan.where.path) as handle:
         table = pq.ParquetFile(handle).read_row_groups(list(range(plan.start, plan.end)), columns=cols)
     first = plan.first_row
@@ -474,7 +506,8 @@ def _run_parquet(plan: ReadPlan, block_rows: int) -> Iterator[pa.Table]:
         if not len(part):
             return
         ids, texts, kinds = _check_columns(part, f, name, first + i)
-        yield finish_block(ids, texts, kinds, plan, np.arange(first + i, first + i + len(part), dtype=np.int64))
+        rows = np.arange(first + i, first + i + len(part), dtype=np.int64)
+        yield finish_block(ids, texts, kinds, plan, (plan.part << PART_SHIFT) + rows)
 
 
 def _plain(column: pa.ChunkedArray) -> pa.Array:
@@ -487,8 +520,9 @@ def _plain(column: pa.ChunkedArray) -> pa.Array:
 def _check_columns(table: pa.Table, f: Fields, name: str, first: int) -> tuple[pa.Array, pa.Array, pa.Array]:
     """id, text and kind columns of parquet rows, checked as whole columns; the first bad row (in the order
     a row-by-row reader would meet it) is a DataError naming it."""
-    ids, texts = _plain(table.column(f.id_field)), _plain(table.column(f.text_field))
     n = len(table)
+    texts = _plain(table.column(f.text_field))
+    ids = _plain(table.column(f.id_field)) if f.id_field else pa.array(np.arange(first, first + n))
     bad = np.full(n, -1, dtype=np.int64)  # index of the first failing check per row (-1: none)
     messages = []
 

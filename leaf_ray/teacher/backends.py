@@ -11,9 +11,10 @@ from typing import Protocol
 import numpy as np
 
 from leaf_ray.config import TeacherConfig
+from leaf_ray.errors import LeafRayError
 
 
-class TeacherOutputError(RuntimeError):
+class TeacherOutputError(LeafRayError, RuntimeError):
     """The teacher returned vectors that must not reach a cache (NaN/Inf, wrong shape)."""
 
 

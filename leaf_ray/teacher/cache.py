@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from leaf_ray.config import TeacherConfig
+from leaf_ray.errors import LeafRayError
 from leaf_ray.hashing import CHUNKING, id_hashes, row_digests, set_digest
 from leaf_ray.runtime import DATA_TASK_CPUS
 from leaf_ray.storage import StoragePath, resolve
@@ -42,11 +43,11 @@ SPEC_FIELDS = ("model", "backend", "query_prompt", "document_prompt", "max_lengt
                "cache_dtype", "backend_options")
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(LeafRayError, ValueError):
     """A cache that belongs to another teacher, dimension or data set."""
 
 
-class CacheDamagedError(RuntimeError):
+class CacheDamagedError(LeafRayError, RuntimeError):
     """A part file is unreadable or holds the wrong number of rows."""
 
 

@@ -24,6 +24,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import numpy as np
 
 from leaf_ray.config import TeacherConfig
+from leaf_ray.errors import LeafRayError
 from leaf_ray.teacher.backends import check_vectors
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ MASK = "***"
 ERROR_BODY_CHARS = 300
 
 
-class EndpointError(RuntimeError):
+class EndpointError(LeafRayError, RuntimeError):
     """The endpoint refused the request, answered garbage, or stayed unreachable; the message names it."""
 
 

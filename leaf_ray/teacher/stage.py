@@ -8,6 +8,7 @@ counts but never holds a text or a vector, and an interruption loses at most the
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -27,16 +28,28 @@ log = logging.getLogger(__name__)
 # small enough to keep every actor of a pool busy.
 FORWARD_BATCHES_PER_CALL = 4
 TABLE_BLOCK_ROWS = 1024  # an in-memory table becomes Ray Data blocks of this many rows
-# Groups of chunks (one actor task each) of the chunk groupby: enough to keep a large pool busy, few enough that
-# the shuffle stays cheap. A retried task skips the parts it already wrote.
+# Groups of chunks (one actor task each) of the chunk sort: at most this many, and at least one per actor of the
+# pool. A retried task skips the parts it already wrote.
 WRITE_PARTITIONS = 200
+# The sort cuts each of its P input blocks into P pieces. Ray keeps a task's small returns (under 100 KiB by
+# default) in the memory of the process that owns them, here the driver: pieces of this many rows stay above
+# that, so the texts go through the object store, never through the driver.
+SORT_PIECE_ROWS = 4096
 
 
 class TeacherEmbedder:
-    """Ray Data callable class: loads the teacher once per actor, embeds each batch by kind."""
+    """Ray Data callable class: loads the teacher once per actor (at its first batch, so that a model that cannot
+    load fails a task, whose error reaches the driver as raised, not an actor's creation), embeds each batch by
+    kind."""
 
     def __init__(self, teacher: TeacherConfig, cache_root: str, allow_hub: bool = False):
-        self.backend = make_backend(teacher, cache_root, allow_hub)
+        self.options, self.loaded = (teacher, cache_root, allow_hub), None
+
+    @property
+    def backend(self):
+        if self.loaded is None:
+            self.loaded = make_backend(*self.options)
+        return self.loaded
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch["text"]]
@@ -64,7 +77,7 @@ def embed_dataset(ds, teacher: TeacherConfig, cache_root: str | Path, allow_hub:
     `cache_root` is the local directory where actors find (or reassemble) model weights."""
     import ray
 
-    return ds.map_batches(
+    return raising_teacher_errors(ds).map_batches(
         TeacherEmbedder,
         fn_constructor_kwargs={"teacher": teacher, "cache_root": str(cache_root), "allow_hub": allow_hub},
         batch_size=teacher.batch_size * FORWARD_BATCHES_PER_CALL,
@@ -74,6 +87,13 @@ def embed_dataset(ds, teacher: TeacherConfig, cache_root: str | Path, allow_hub:
         num_gpus=teacher.num_gpus_per_actor,
         **_placement(teacher),
     )
+
+
+def raising_teacher_errors(ds):
+    """`ds` (and what is made from it) re-raising a teacher's own error on the driver (a model not found, a
+    wrong-width or NaN output) instead of Ray Data's UserCodeException around it, so a job can report it."""
+    ds.context.raise_original_map_exception = True
+    return ds
 
 
 def _placement(teacher: TeacherConfig) -> dict:
@@ -194,7 +214,7 @@ def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_ro
     """
     import ray
 
-    partitions = min(len(missing), WRITE_PARTITIONS)
+    partitions = write_partitions(len(missing), todo_rows, teacher.max_actors)
     todo = task_shuffled(as_dataset(texts).map_batches(
         _keep_chunks, fn_kwargs={"chunks": cache.chunks, "keep": missing}, batch_format="pyarrow"))
     # Sorted (a sort shuffle makes as many blocks as it gets) and materialised before the pool starts: the sort's
@@ -202,7 +222,7 @@ def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_ro
     grouped = todo.repartition(partitions).sort("chunk").materialize()
     # Whole blocks (whole chunks) per call: the public map_batches refuses batch_size=None with GPUs, so this is
     # the DeveloperAPI that Ray's own groupby().map_groups uses for the same purpose.
-    records = grouped.map_batches_internal(
+    records = raising_teacher_errors(grouped).map_batches_internal(
         CacheWriter, batch_size=None,
         fn_constructor_kwargs={"teacher": teacher, "cache": cache, "model_root": str(model_root),
                                "allow_hub": allow_hub},
@@ -227,6 +247,12 @@ def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_ro
     return {"truncated_texts": truncated, "seconds": round(end - started, 3),
             "first_output_s": round(first[0] - started, 3),
             "steady_rows_per_s": round((todo_rows - first[1]) / steady_s, 2) if steady_s > 0 else None}
+
+
+def write_partitions(chunks: int, rows: int, actors: int) -> int:
+    """How many groups of chunks the sort makes: one per actor at least, more while each of the sort's
+    partitions^2 pieces keeps SORT_PIECE_ROWS rows, never more than the chunks or WRITE_PARTITIONS."""
+    return max(1, min(chunks, WRITE_PARTITIONS, max(actors, math.isqrt(rows // SORT_PIECE_ROWS))))
 
 
 def _keep_chunks(batch: pa.Table, chunks: int, keep: list[int]) -> pa.Table:

