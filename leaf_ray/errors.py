@@ -21,17 +21,11 @@ class LeafRayError(Exception):
 
 
 def user_error(exc: BaseException) -> LeafRayError | None:
-    """The LeafRayError behind `exc`: itself, or the cause a Ray task or actor raised (Ray re-raises those on
-    the driver wrapped in a RayTaskError whose text is the remote traceback)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError keeps the remote exception here
-        if isinstance(cause, LeafRayError):
-            return cause
-        if isinstance(exc, LeafRayError) and cause is None:
-            return exc
-        exc = cause if isinstance(cause, BaseException) else exc.__cause__
+    """The LeafRayError behind `exc`: the remote error of a Ray task or actor (Ray re-raises it on the driver as
+    a RayTaskError whose `cause` it is, and whose own text is the remote traceback), `exc` itself, or its cause."""
+    for candidate in (getattr(exc, "cause", None), exc, exc.__cause__):
+        if isinstance(candidate, LeafRayError):
+            return candidate
     return None
 
 
