@@ -241,22 +241,26 @@ def run_trial(params: dict, *, cfg_tree: dict, inputs) -> None:
     import torch
 
     from leaf_ray.student import read_manifest
-    from leaf_ray.train import total_steps, train_student
+    from leaf_ray.train import run_dir_for, total_steps, train_student
 
     cfg = trial_config(RunConfig.model_validate(cfg_tree), params, ray.tune.get_context().get_trial_id())
-    torch.set_num_threads(max(1, math.ceil(cfg.sweep.cpus_per_trial)))
-    last_step = total_steps(cfg.train, inputs.train_rows)
-    trained = train_student(cfg, inputs, callbacks=[AlignmentReportCallback(last_step)])
-    sources = build_sources(str(trained.student_path), cfg.teacher, cfg.storage.local_cache_path(),
-                            cfg.evaluate.batch_size, cfg.allow_hub, teacher_cache=cfg.storage.cache_location())
-    records = validation_records(cfg, sources, TRIAL_MODES)
-    counts = read_manifest(trained.student_path)["param_counts"]
-    summary = {"trial_id": cfg.name, "label": trial_label(cfg, params), "params": dict(params),
-               "student_path": str(trained.student_path), "param_counts": counts, "train": trained.metrics,
-               "records": records}
-    resolve(trained.run_dir / TRIAL_SUMMARY).write_text(json.dumps(summary, indent=1, default=str))
-    ray.tune.report({ALIGNMENT: trained.metrics[ALIGNMENT], "step": trained.steps,
-                     **{f"val_{QUALITY_METRIC}_{mode}": _value(records, mode, QUALITY_METRIC) for mode in TRIAL_MODES}})
+    summary_path = resolve(run_dir_for(cfg) / TRIAL_SUMMARY)
+    if summary_path.is_file():  # evaluated before an interruption cut its report to Tune short: only report
+        summary = json.loads(summary_path.read_text())
+    else:
+        torch.set_num_threads(max(1, math.ceil(cfg.sweep.cpus_per_trial)))
+        last_step = total_steps(cfg.train, inputs.train_rows)
+        trained = train_student(cfg, inputs, callbacks=[AlignmentReportCallback(last_step)])
+        sources = build_sources(str(trained.student_path), cfg.teacher, cfg.storage.local_cache_path(),
+                                cfg.evaluate.batch_size, cfg.allow_hub, teacher_cache=cfg.storage.cache_location())
+        counts = read_manifest(trained.student_path)["param_counts"]
+        summary = {"trial_id": cfg.name, "label": trial_label(cfg, params), "params": dict(params),
+                   "student_path": str(trained.student_path), "param_counts": counts, "train": trained.metrics,
+                   "records": validation_records(cfg, sources, TRIAL_MODES)}
+        summary_path.write_text(json.dumps(summary, indent=1, default=str))
+    ray.tune.report({ALIGNMENT: summary["train"][ALIGNMENT], "step": summary["train"]["step"],
+                     **{f"val_{QUALITY_METRIC}_{mode}": _value(summary["records"], mode, QUALITY_METRIC)
+                        for mode in TRIAL_MODES}})
 
 
 # -- the tuner -------------------------------------------------------------------------------------------------

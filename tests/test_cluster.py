@@ -184,15 +184,21 @@ def test_gpu_run_config_accelerator_types_are_served_by_separate_pools(name):
 
 
 def test_teacher_placement_options_reach_map_batches_only_when_set():
+    from ray.data import DataContext
+
     from leaf_ray.teacher.stage import embed_dataset
 
     class Recorder:  # stands in for a Ray Dataset: records what the stage asks of map_batches
+        context = DataContext()
+
         def map_batches(self, fn, **kwargs):
             self.kwargs = kwargs
             return self
 
     pinned = TeacherConfig(num_gpus_per_actor=1, accelerator_type="L4", resources_per_actor={"teacher_pool": 1})
-    kwargs = embed_dataset(Recorder(), pinned, "/unused").kwargs
+    recorded = embed_dataset(Recorder(), pinned, "/unused")
+    kwargs = recorded.kwargs
+    assert recorded.context.raise_original_map_exception  # a teacher's own error reaches the driver
     assert kwargs["accelerator_type"] == "L4" and kwargs["resources"] == {"teacher_pool": 1}
     assert kwargs["num_gpus"] == 1
     kwargs = embed_dataset(Recorder(), TeacherConfig(), "/unused").kwargs
