@@ -4,7 +4,7 @@ Pareto front of validation quality vs speed vs bytes per vector, with test score
     python jobs/sweep.py --config configs/sweep.yaml [key.path=value ...]
 
 Rerunning the same command after an interruption continues the sweep (finished trials are kept); a
-finished sweep is never overwritten. See leaf_ray/tune.py for the layout of `<runs_root>/<name>/`.
+finished sweep is never overwritten. See leaf_ray/sweep/__init__.py for the layout of `<runs_root>/<name>/`.
 """
 
 import logging
@@ -15,7 +15,7 @@ from leaf_ray.errors import run_job
 from leaf_ray.runs import RunFolder
 from leaf_ray.runtime import init_ray
 from leaf_ray.inputs import training_inputs
-from leaf_ray.tune import (
+from leaf_ray.sweep import (
     FRONT_DIR,
     SweepInterrupted,
     absolute_paths,

@@ -240,7 +240,7 @@ def test_quantizers_store_what_they_claim_and_score_faithfully():
     queries = truncate(rng.standard_normal((20, 64)).astype(np.float32), 64)
     int8 = Quantizer.fit("int8", docs)
     assert int8.codes(docs).dtype == np.int8 and int8.codes(docs).nbytes == 500 * bytes_per_vector(64, "int8")
-    assert np.abs(int8(docs) - docs).max() <= int8.step.max() / 2 + 1e-6  # within half a level
+    assert np.abs(int8(docs) - docs).max() <= int8.step.max() / 2 + 1e-6  # within half a bucket
     binary = Quantizer.fit("binary", docs)
     assert binary.codes(docs).shape == (500, 8) and bytes_per_vector(64, "binary") == 64 // 8
     q, d = derive(queries, docs, 64, "binary")
@@ -248,6 +248,46 @@ def test_quantizers_store_what_they_claim_and_score_faithfully():
     hamming = np.unpackbits(hamming, axis=2).sum(axis=2).astype(np.int64)
     assert np.array_equal(q @ d.T, 64 - 2 * hamming)  # the +-1 dot product is the hamming score
     assert [bytes_per_vector(384, k) for k in QUANTS] == [1536, 384, 48]
+
+
+def test_stored_codes_are_sentence_transformers_own():
+    """An index built with sentence-transformers' quantize_embeddings compares the same codes, queries past the
+    documents' range and a constant dimension included; 44 dims leave the last binary byte part-filled."""
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    rng = np.random.default_rng(1)
+    docs = truncate(rng.standard_normal((300, 44)).astype(np.float32), 44)
+    docs[:, 5] = 0.1
+    queries = rng.standard_normal((30, 44)).astype(np.float32)  # not normalised: most values past the range
+    assert ((queries < docs.min(axis=0)) | (queries > docs.max(axis=0))).any(axis=1).all()
+    int8, binary = Quantizer.fit("int8", docs), Quantizer.fit("binary", docs)
+    for vectors in (docs, queries):
+        codes = int8.codes(vectors)
+        assert np.array_equal(codes, quantize_embeddings(vectors, precision="int8", calibration_embeddings=docs))
+        assert codes.dtype == np.int8
+        codes = binary.codes(vectors)
+        assert np.array_equal(codes, quantize_embeddings(vectors, precision="ubinary"))
+        assert np.array_equal(codes, np.packbits(vectors > 0, axis=1))
+        assert codes.shape[1] == bytes_per_vector(44, "binary")
+        assert np.array_equal(binary(vectors), np.where(vectors > 0, 1.0, -1.0))
+    assert np.all(int8(docs)[:, 5] == np.float32(0.1))  # a constant dimension decodes to its value
+    decoded = int8(queries)  # clipped to the documents' range
+    assert (decoded >= docs.min(axis=0)).all() and (decoded <= docs.max(axis=0)).all()
+
+
+def test_int8_scores_rank_like_the_float_vectors():
+    rng = np.random.default_rng(2)
+    docs = truncate(rng.standard_normal((1000, 64)).astype(np.float32), 64)
+    queries = truncate(rng.standard_normal((50, 64)).astype(np.float32), 64)
+    q, d = derive(queries, docs, 64, "int8")
+    exact, quantized = queries @ docs.T, q @ d.T
+    assert min(np.corrcoef(a, b)[0, 1] for a, b in zip(exact, quantized)) > 0.99
+
+    def top(scores):
+        return {str(i): [str(j) for j in np.argsort(-row, kind="stable")[:10]] for i, row in enumerate(scores)}
+
+    assert overlap_at_k(top(quantized), top(exact)) >= 0.9
+    assert np.mean(quantized.argmax(axis=1) == exact.argmax(axis=1)) >= 0.9
 
 
 def test_agreement_metrics():

@@ -22,7 +22,7 @@ from leaf_ray.config import (
     SweepConfig,
     TrainConfig,
 )
-from leaf_ray.tune import (
+from leaf_ray.sweep import (
     SweepError,
     check_sweep,
     concurrent_trials,
