@@ -39,11 +39,10 @@ from leaf_ray.inputs import collect, training_inputs
 from leaf_ray.evaluate import (
     MODES,
     beir_dataset,
-    build_sources,
     evaluate_retrieval,
     student_prompts,
 )
-from leaf_ray.models import load_sentence_transformer, resolve_model
+from leaf_ray.recipe import LeafRun
 from leaf_ray.runtime import init_ray
 from leaf_ray.student import TeacherRows, load_student, prompted_texts
 from leaf_ray.train import (
@@ -97,7 +96,7 @@ def model2vec_distill(cfg: RunConfig, out_dir: Path):
     """Model2Vec's distillation of the teacher (its defaults: 256 PCA dims, SIF weights, float16), saved."""
     from model2vec.distill import distill
 
-    teacher = resolve_model(cfg.teacher.model, cfg.storage.local_cache_path(), cfg.allow_hub)
+    teacher = cfg.model_store().resolve(cfg.teacher.model)
     model = distill(model_name=str(teacher), device="cpu", trust_remote_code=cfg.teacher.trust_remote_code)
     model.save_pretrained(str(out_dir))
     return model
@@ -109,12 +108,10 @@ def ndcg(data, sources, modes) -> dict[str, float]:
     return {r["mode"]: r["value"] for r in records if r["metric"] == "ndcg_at_10"}
 
 
-def student_scores(cfg: RunConfig, data, student_path: Path) -> dict[str, float]:
+def student_scores(run: LeafRun, data, student_path: Path) -> dict[str, float]:
     """A LEAF-space student's nDCG@10: teacher, standard (student/student) and asymmetric (student queries,
     teacher documents from the teacher cache)."""
-    sources = build_sources(str(student_path), cfg.teacher, cfg.storage.local_cache_path(), cfg.evaluate.batch_size,
-                            cfg.allow_hub, teacher_cache=cfg.storage.cache_location())
-    scores = ndcg(data, sources, MODES)
+    scores = ndcg(data, run.sources(student_path), MODES)
     return {"teacher": scores["teacher"], "standard": scores["student"], "asymmetric": scores["asymmetric"]}
 
 
@@ -205,11 +202,11 @@ def main(argv=None) -> dict:
     dataset = cfg.evaluate.datasets[0]
     data = beir_dataset(cfg.data, dataset, cfg.evaluate.split, cfg.evaluate.max_corpus,
                         cfg.evaluate.max_queries, cfg.evaluate.seed)
-    leaf_scores = student_scores(cfg, data, trained.student_path)
-    st_scores = student_scores(cfg, data, st_path)
+    run = LeafRun(cfg)
+    leaf_scores = student_scores(run, data, trained.student_path)
+    st_scores = student_scores(run, data, st_path)
 
-    teacher = load_sentence_transformer(cfg.teacher.model, cfg.storage.local_cache_path(),
-                                        max_length=cfg.teacher.max_length, allow_hub=cfg.allow_hub)
+    teacher = run.models.load(cfg.teacher.model, max_length=cfg.teacher.max_length)
     leaf = load_student(trained.student_path)
     prompts = {"teacher": {"query": cfg.teacher.query_prompt, "document": cfg.teacher.document_prompt},
                "leaf-ray": student_prompts(leaf, cfg.teacher)}

@@ -33,7 +33,6 @@ import torch
 from leaf_ray.bench import EncoderShape, matmul_gflops, measure_encoders, token_counts
 from leaf_ray.config import DEFAULT_CONFIG, load_config
 from leaf_ray.evaluate import load_beir, resolve_teacher, student_prompts
-from leaf_ray.models import load_sentence_transformer
 from leaf_ray.onnx_export import OnnxEncoder, export_onnx
 from leaf_ray.student import count_parameters, load_student, teacher_parameter_count
 
@@ -189,11 +188,10 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config)
     torch.set_num_threads(args.threads)
     teacher_cfg = resolve_teacher(Path(args.student), args.teacher, cfg.teacher)
-    models_root = cfg.storage.local_cache_path()
-    teacher = load_sentence_transformer(teacher_cfg.model, models_root, max_length=teacher_cfg.max_length,
-                                        trust_remote_code=teacher_cfg.trust_remote_code,
-                                        allow_pickle_weights=teacher_cfg.allow_pickle_weights,
-                                        allow_hub=cfg.allow_hub)
+    store = cfg.model_store()
+    teacher = store.load(teacher_cfg.model, max_length=teacher_cfg.max_length,
+                         trust_remote_code=teacher_cfg.trust_remote_code,
+                         allow_pickle_weights=teacher_cfg.allow_pickle_weights)
     student = load_student(args.student)
     models = {"teacher": teacher, "student": student}
     prompts = {"teacher": {"query": teacher_cfg.query_prompt, "document": teacher_cfg.document_prompt},
@@ -225,7 +223,7 @@ def main(argv=None) -> dict:
                              query_rounds=args.query_rounds)
     load_after = os.getloadavg()
     best = best_paths(speed)
-    params = count_parameters(student, teacher_parameter_count(teacher_cfg, models_root, cfg.allow_hub))
+    params = count_parameters(student, teacher_parameter_count(teacher_cfg, store))
     report = {
         "benchmark": "serving",
         "student": str(args.student), "teacher": teacher_cfg.model,

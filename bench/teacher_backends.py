@@ -24,7 +24,7 @@ import numpy as np
 from leaf_ray.config import DataConfig, DataSource, TeacherConfig
 from leaf_ray.data import build_mix
 from leaf_ray.inputs import collect
-from leaf_ray.models import MINILM_ID, resolve_model
+from leaf_ray.models import MINILM_ID, ModelStore
 from leaf_ray.teacher import stage
 from leaf_ray.teacher.vllm_server import start_vllm_server, stop_process_group
 
@@ -76,8 +76,8 @@ def main() -> None:
         print(f"{name:16s} {results[name]}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        proc, url = start_vllm_server(resolve_model(MINILM_ID), MINILM_ID, args.max_length, Path(tmp) / "server.log",
-                                      timeout_s=900)
+        proc, url = start_vllm_server(ModelStore().resolve(MINILM_ID), MINILM_ID, args.max_length,
+                                      Path(tmp) / "server.log", timeout_s=900)
         server_start_s = time.perf_counter() - started
         try:
             cfg = TeacherConfig.model_validate(base.model_dump() | {"backend": "endpoint", "endpoint": {

@@ -23,7 +23,7 @@ import torch
 from leaf_ray.config import DataConfig, DataSource, TeacherConfig
 from leaf_ray.data import build_mix
 from leaf_ray.inputs import collect
-from leaf_ray.models import MINILM_ID, load_sentence_transformer
+from leaf_ray.models import MINILM_ID, ModelStore
 from leaf_ray.teacher import stage
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,7 +33,7 @@ def plain_loop(texts: list[str], kinds: list[str], cfg: TeacherConfig) -> dict:
     """The baseline a user would write: one process, one model, encode in the stage's batch sizes."""
     start = time.perf_counter()
     torch.set_num_threads(cfg.torch_threads)
-    model = load_sentence_transformer(cfg.model, max_length=cfg.max_length)
+    model = ModelStore().load(cfg.model, max_length=cfg.max_length)
     call_rows = cfg.batch_size * stage.FORWARD_BATCHES_PER_CALL
     stamps = []
     for i in range(0, len(texts), call_rows):

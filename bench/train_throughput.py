@@ -69,7 +69,7 @@ def plain_loop(cfg: RunConfig, train, teacher_dim: int) -> dict:
     started = time.time()
     torch.set_num_threads(worker_threads(cfg.train))
     torch.manual_seed(cfg.train.seed)
-    model = build_student(cfg.student, cfg.teacher, teacher_dim, cache_root=cfg.storage.cache_path())
+    model = build_student(cfg.student, cfg.teacher, teacher_dim, models=cfg.model_store())
     freeze_unused_parameters(model)
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, cfg.train.max_steps)

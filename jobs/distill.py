@@ -10,63 +10,34 @@ never overwritten.
 
 import logging
 
-from leaf_ray.bench import measure_encoders
 from leaf_ray.config import parse_args
-from leaf_ray.data import build_mix
 from leaf_ray.errors import run_job
-from leaf_ray.evaluate import beir_dataset, build_sources, run_evaluation
-from leaf_ray.inputs import training_inputs
-from leaf_ray.models import load_sentence_transformer
-from leaf_ray.report import headline, write_report
-from leaf_ray.runs import RunFolder
-from leaf_ray.runtime import init_ray
-from leaf_ray.student import read_manifest, update_manifest
-from leaf_ray.train import train_student
-
-
-def serving_throughput(cfg, student_path) -> dict:
-    """Teacher vs leaf docs/s, queries/s and batch-1 latency on a sample of the first eval dataset."""
-    n = cfg.evaluate.throughput_samples
-    if not n or not cfg.evaluate.datasets:
-        return {}
-    sample = beir_dataset(cfg.data, cfg.evaluate.datasets[0], cfg.evaluate.split, max_corpus=n, max_queries=n)
-    encoders = {"teacher": load_sentence_transformer(cfg.teacher.model, cfg.storage.local_cache_path(),
-                                                     max_length=cfg.teacher.max_length, allow_hub=cfg.allow_hub),
-                "student": load_sentence_transformer(str(student_path))}
-    return measure_encoders(encoders, sample.query_texts, sample.corpus_texts[:n],
-                            latency_queries=min(50, n))
+from leaf_ray.recipe import LeafRun
+from leaf_ray.report import headline
+from leaf_ray.student import read_manifest
 
 
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     cfg, _ = parse_args(argv, description=__doc__)
-    run = RunFolder(cfg)
-    run.refuse_if_finished()
-    run.check_writable()
-    init_ray(cfg.ray)
+    run = LeafRun(cfg).start()
 
     with run.stage("teacher"):
-        texts, mix = build_mix(cfg.data)
-        inputs = training_inputs(cfg, texts)
+        texts, mix = run.text_mix()
+        inputs = run.inputs(texts)
     with run.stage("train"):
-        trained = train_student(cfg, inputs)
+        trained = run.train(inputs)
     with run.stage("evaluate"):
-        sources = build_sources(str(trained.student_path), cfg.teacher, cfg.storage.local_cache_path(),
-                                cfg.evaluate.batch_size, cfg.allow_hub, teacher_cache=cfg.storage.cache_location())
-        evaluation = run_evaluation(cfg.evaluate, sources, cfg.data)
+        evaluation = run.evaluate(trained.student_path)
     with run.stage("throughput"):
-        speed = serving_throughput(cfg, trained.student_path)
+        speed = run.throughput({"student": trained.student_path})
 
     manifest = read_manifest(trained.student_path)
-    student = run.location / "student"
+    student = run.folder.location / "student"
     summary = {"run": cfg.name, "student": str(student), "params": manifest.get("param_counts"),
                "text_mix": mix.as_dict(), "train": trained.metrics, "throughput": speed,
                "stage_seconds": run.stage_seconds, "headline": headline(evaluation.records)}
-    update_manifest(trained.student_path, results=summary)
-    run.publish("student/leaf_manifest.json")
-    paths = write_report(run.location, evaluation.records, f"LEAF run {cfg.name}: {cfg.teacher.model} -> leaf",
-                         summary, evaluation.notes(), plot_metrics=("ndcg_at_10", "cosine_spearman"))
-    run.mark_finished(summary)
+    paths = run.finish(evaluation, f"LEAF run {cfg.name}: {cfg.teacher.model} -> leaf", summary)
 
     print(f"\n[leaf] run {cfg.name} finished; stages (s): {run.stage_seconds}")
     print(f"[leaf] student:  {student}")

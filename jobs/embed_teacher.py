@@ -6,20 +6,19 @@
 import logging
 
 from leaf_ray.config import parse_args
-from leaf_ray.data import build_mix
 from leaf_ray.errors import run_job
+from leaf_ray.recipe import LeafRun
 from leaf_ray.runtime import init_ray
-from leaf_ray.teacher import build_cache
 
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg, _ = parse_args(argv, description=__doc__)
+    run = LeafRun(cfg)
     init_ray(cfg.ray)
-    texts, report = build_mix(cfg.data)
+    texts, report = run.text_mix()
     print(f"text mix: {report.as_dict()}")
-    cache = build_cache(texts, cfg.teacher, cfg.storage.cache_location(), allow_hub=cfg.allow_hub,
-                        model_root=cfg.storage.local_cache_path())
+    cache = run.teacher_cache(texts)
     print(f"teacher cache: {cache.path}  ({cache.manifest['rows']} rows, dim {cache.dim}, "
           f"last run {cache.manifest.get('last_run')})")
 

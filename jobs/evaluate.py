@@ -14,8 +14,8 @@ from pathlib import Path
 
 from leaf_ray.config import DEFAULT_CONFIG, load_config
 from leaf_ray.errors import run_job
-from leaf_ray.evaluate import build_sources, resolve_teacher, run_evaluation
-from leaf_ray.report import write_report
+from leaf_ray.evaluate import resolve_teacher
+from leaf_ray.recipe import LeafRun
 from leaf_ray.runtime import init_ray
 from leaf_ray.storage import resolve
 
@@ -38,16 +38,14 @@ def main(argv=None) -> dict[str, Path | str]:
 
     teacher = resolve_teacher(Path(args.student), args.teacher, cfg.teacher)
     init_ray(cfg.ray)
-    sources = build_sources(args.student, teacher, cfg.storage.local_cache_path(), cfg.evaluate.batch_size,
-                            cfg.allow_hub, teacher_cache=cfg.storage.cache_location())
-    result = run_evaluation(cfg.evaluate, sources, cfg.data)
+    run = LeafRun(cfg)
+    result = run.evaluate(args.student, teacher)
 
     meta = {"student": args.student, "teacher": teacher.model, "teacher_query_prompt": teacher.query_prompt,
             "teacher_document_prompt": teacher.document_prompt, "data": result.datasets, "timings_s": result.timings}
     out = (resolve(args.out, "--out", cfg.storage.endpoint_override) if args.out
-           else cfg.storage.runs_location() / cfg.name / "evaluate")
-    paths = write_report(out, result.records, f"LEAF evaluation: {args.student} vs teacher {teacher.model}", meta,
-                         result.notes(), plot_metrics=("ndcg_at_10", "cosine_spearman"))
+           else run.folder.location / "evaluate")
+    paths = run.report(out, result, f"LEAF evaluation: {args.student} vs teacher {teacher.model}", meta)
     for note in result.notes():
         print(f"note: {note}")
     for name, path in paths.items():

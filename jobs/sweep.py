@@ -10,11 +10,8 @@ finished sweep is never overwritten. See leaf_ray/sweep/__init__.py for the layo
 import logging
 
 from leaf_ray.config import parse_args
-from leaf_ray.data import build_mix
 from leaf_ray.errors import run_job
-from leaf_ray.runs import RunFolder
-from leaf_ray.runtime import init_ray
-from leaf_ray.inputs import training_inputs
+from leaf_ray.recipe import LeafRun
 from leaf_ray.sweep import (
     FRONT_DIR,
     SweepInterrupted,
@@ -34,15 +31,11 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     cfg, _ = parse_args(argv, description=__doc__)
     cfg = absolute_paths(cfg)
-    run = RunFolder(cfg)
-    run.refuse_if_finished()
-    run.check_writable()
-    pin_config(cfg)
-    init_ray(cfg.ray)
+    run = LeafRun(cfg).start(before_ray=pin_config)
 
     with run.stage("teacher"):  # the only stage that runs the teacher: trials read its caches
-        texts, mix = build_mix(cfg.data)
-        inputs = training_inputs(cfg, texts)
+        texts, mix = run.text_mix()
+        inputs = run.inputs(texts)
         reference = teacher_validation(cfg)
     with run.stage("tune"):
         try:
@@ -50,21 +43,21 @@ def main(argv=None) -> dict:
         except SweepInterrupted as exc:
             raise SystemExit(f"[leaf] {exc}") from None
     with run.stage("throughput"):
-        speed = measure_speed(cfg, trials)
+        speed = measure_speed(run, trials)
     points = sweep_points(cfg, trials, speed)
     front = front_of(points)
     with run.stage("test"):
-        tested = export_front(cfg, trials, points, front, speed)
+        tested = export_front(run, trials, points, front, speed)
 
     meta = {"teacher": cfg.teacher.model, "text_mix": mix.as_dict(), "trials": len(trials),
             "evaluated": sum(t["status"] == "evaluated" for t in trials), "pareto_students": len(tested),
             "placement_groups_left": leftover, "stage_seconds": run.stage_seconds}
     paths = write_sweep_report(cfg, trials, reference, speed, points, front, tested, meta)
-    run.mark_finished(meta)
+    run.folder.mark_finished(meta)
     print(f"\n[leaf] sweep {cfg.name} finished; stages (s): {run.stage_seconds}")
     print(f"[leaf] report:  {paths['markdown']}\n[leaf] Pareto:  {paths['plot']}")
     for trial in tested:
-        print(f"[leaf] Pareto-optimal student: {run.path / FRONT_DIR / trial / 'student'}")
+        print(f"[leaf] Pareto-optimal student: {run.folder.path / FRONT_DIR / trial / 'student'}")
     return meta
 
 

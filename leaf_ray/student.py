@@ -28,7 +28,7 @@ from sentence_transformers.sentence_transformer.modules import Dense, Normalize,
 
 from leaf_ray.config import StudentConfig, TeacherConfig
 from leaf_ray.errors import LeafRayError
-from leaf_ray.models import check_model_dir, resolve_model
+from leaf_ray.models import ModelStore, check_model_dir
 from leaf_ray.teacher.cache import embedding_matrix
 
 MANIFEST_NAME = "leaf_manifest.json"
@@ -89,8 +89,8 @@ def transformer_dir(model_dir: Path) -> Path:
     return model_dir
 
 
-def _source_dir(name: str, trust_remote_code: bool, allow_pickle: bool, cache_root, allow_hub: bool) -> Path:
-    path = resolve_model(name, cache_root, allow_hub)
+def _source_dir(name: str, trust_remote_code: bool, allow_pickle: bool, models: ModelStore) -> Path:
+    path = models.resolve(name)
     check_model_dir(path, trust_remote_code, allow_pickle)
     return path
 
@@ -155,12 +155,10 @@ def _fresh_bert(cfg: StudentConfig, tokenizer):
     return BertModel(config)
 
 
-def build_encoder(cfg: StudentConfig, teacher: TeacherConfig, cache_root=".leaf_cache",
-                  allow_hub: bool = False) -> Transformer:
+def build_encoder(cfg: StudentConfig, teacher: TeacherConfig, models: ModelStore) -> Transformer:
     """The student's Transformer module, built as `cfg.kind` says (see the module docstring)."""
     trust, pickle_ok = load_flags(cfg, teacher)
-    source = _source_dir(cfg.model if cfg.kind == "pretrained" else teacher.model, trust, pickle_ok,
-                         cache_root, allow_hub)
+    source = _source_dir(cfg.model if cfg.kind == "pretrained" else teacher.model, trust, pickle_ok, models)
     kwargs = dict(max_seq_length=cfg.max_length,
                   model_kwargs={"use_safetensors": not pickle_ok, "trust_remote_code": trust},
                   processor_kwargs={"trust_remote_code": trust}, config_kwargs={"trust_remote_code": trust})
@@ -261,12 +259,12 @@ def init_projection(cfg: StudentConfig, body: SentenceTransformer, teacher_dim: 
 
 
 def build_student(cfg: StudentConfig, teacher: TeacherConfig, teacher_dim: int, *, sample=None,
-                  cache_root=".leaf_cache", allow_hub: bool = False, seed: int = 0) -> SentenceTransformer:
+                  models: ModelStore = ModelStore(), seed: int = 0) -> SentenceTransformer:
     """Encoder -> mean Pooling -> Dense(student dim -> teacher_dim, identity, bias) -> Normalize, on CPU,
     carrying the teacher's prompts. `sample` (TeacherRows, or a table/batch with text, kind, embedding) feeds
     the lstsq head."""
     torch.manual_seed(seed)
-    encoder = build_encoder(cfg, teacher, cache_root, allow_hub)
+    encoder = build_encoder(cfg, teacher, models)
     pooling = Pooling(encoder.get_embedding_dimension(), pooling_mode="mean")
     prompts = teacher_prompts(teacher)
     body = SentenceTransformer(modules=[encoder, pooling], prompts=prompts, device="cpu")
@@ -314,8 +312,8 @@ def safetensors_parameter_count(model_dir: Path) -> int:
     return total
 
 
-def teacher_parameter_count(teacher: TeacherConfig, cache_root=".leaf_cache", allow_hub: bool = False) -> int:
-    return safetensors_parameter_count(resolve_model(teacher.model, cache_root, allow_hub))
+def teacher_parameter_count(teacher: TeacherConfig, models: ModelStore) -> int:
+    return safetensors_parameter_count(models.resolve(teacher.model))
 
 
 def student_manifest(cfg: StudentConfig, teacher: TeacherConfig, teacher_dim: int,

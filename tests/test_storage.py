@@ -189,12 +189,13 @@ def test_storage_paths_read_write_and_copy_on_s3(s3, tmp_path):
 @pytest.mark.timeout(600)
 @pytest.mark.e2e
 def test_teacher_cache_in_s3_is_reused_and_resumed(s3, ray_local, tiny_teacher, tmp_path):
+    from leaf_ray.models import ModelStore
     from leaf_ray.teacher import TeacherCache, build_cache
 
     cfg = tiny_teacher_config(tiny_teacher, chunk_rows=64, num_cpus_per_actor=0.5, torch_threads=1)
     table = text_rows(300, seed=5)  # 5 chunks
     root = resolve(f"s3://{BUCKET}/cache", "storage.cache_root", s3.endpoint)
-    cache = build_cache(table, cfg, root, model_root=tmp_path / "models")
+    cache = build_cache(table, cfg, root, ModelStore(tmp_path / "models"))
     assert str(cache.path).startswith(f"s3://{BUCKET}/cache/teacher/") and cache.manifest["last_run"]["chunks_computed"] == 5
     prefix = cache.location.path.removeprefix(f"{BUCKET}/")
     assert sorted(objects(s3.fs, prefix)) == ["manifest.json", *[f"part-{i:05d}.parquet" for i in range(5)]]
@@ -202,7 +203,7 @@ def test_teacher_cache_in_s3_is_reused_and_resumed(s3, ray_local, tiny_teacher, 
     np.testing.assert_array_equal(cache.embeddings(), local.embeddings())  # same bytes wherever the cache lives
 
     finished = cache.manifest["finished"]
-    reused = build_cache(table, cfg, root, model_root=tmp_path / "models")
+    reused = build_cache(table, cfg, root, ModelStore(tmp_path / "models"))
     assert reused.manifest["finished"] == finished  # complete: returned as it is, nothing recomputed
 
     # An interrupted run: part 2 never written, part 3 cut off mid-write, the manifest not marked complete.
@@ -211,7 +212,7 @@ def test_teacher_cache_in_s3_is_reused_and_resumed(s3, ray_local, tiny_teacher, 
     cache.part_location(3).write_bytes(part3[: len(part3) // 2])
     manifest = json.loads((cache.location / "manifest.json").read_text())
     (cache.location / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
-    resumed = build_cache(table, cfg, root, model_root=tmp_path / "models")
+    resumed = build_cache(table, cfg, root, ModelStore(tmp_path / "models"))
     run = resumed.manifest["last_run"]
     assert (run["chunks_computed"], run["rows_computed"], run["chunks_reused"]) == (
         2, resumed.chunk_rows_of(2) + resumed.chunk_rows_of(3), 3)

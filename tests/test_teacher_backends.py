@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from leaf_ray.config import ConfigError, TeacherConfig, load_config
+from leaf_ray.models import ModelStore
 from leaf_ray.teacher import build_cache
 from leaf_ray.teacher.cache import TeacherCache, teacher_fingerprint, teacher_spec
 from leaf_ray.teacher.endpoint_backend import (EndpointBackend, EndpointError, backoff_delay, embeddings_url,
@@ -208,7 +209,7 @@ def test_retry_policy_pieces():
 @pytest.mark.timeout(120)
 def test_429_is_retried_then_answers(fake_server, tiny_teacher):
     server = fake_server(script=[429, 429])
-    backend = EndpointBackend(endpoint_cfg(server.url, tiny_teacher), cache_root=".")  # the dim probe retries
+    backend = EndpointBackend(endpoint_cfg(server.url, tiny_teacher), ModelStore(Path(".")))  # the dim probe retries
     assert backend.dim == FAKE_DIM and backend.retries == 2 and len(server.requests) == 3
     texts = ["gene study", "cell data"]
     np.testing.assert_allclose(backend.embed(texts, "query"), unit([fake_vector("query: " + t) for t in texts]),
@@ -223,7 +224,7 @@ def test_5xx_forever_ends_in_an_error_naming_the_endpoint(fake_server, tiny_teac
     started = time.monotonic()
     with pytest.raises(EndpointError, match=r"endpoint http://127\.0\.0\.1:\d+/v1/embeddings .*4 attempts.*HTTP 500"):
         EndpointBackend(endpoint_cfg(server.url, tiny_teacher, max_retries=3, backoff_s=0.1, backoff_max_s=1),
-                        cache_root=".")
+                        ModelStore(Path(".")))
     assert len(server.requests) == 4
     assert time.monotonic() - started >= 0.05 + 0.1 + 0.2  # exponential backoff, jitter >= 0.5
 
@@ -231,7 +232,7 @@ def test_5xx_forever_ends_in_an_error_naming_the_endpoint(fake_server, tiny_teac
 @pytest.mark.timeout(120)
 def test_4xx_is_not_retried(fake_server, tiny_teacher):
     server = fake_server(script=[200, 400])
-    backend = EndpointBackend(endpoint_cfg(server.url, tiny_teacher), cache_root=".")
+    backend = EndpointBackend(endpoint_cfg(server.url, tiny_teacher), ModelStore(Path(".")))
     with pytest.raises(EndpointError, match="HTTP 400.*not retried"):
         backend.embed(["gene"], "document")
     assert len(server.requests) == 2 and backend.retries == 0
@@ -240,19 +241,19 @@ def test_4xx_is_not_retried(fake_server, tiny_teacher):
 @pytest.mark.timeout(120)
 def test_timeouts_and_connection_errors_are_retried(fake_server, tiny_teacher):
     server = fake_server(script=[200, "hang"])
-    backend = EndpointBackend(endpoint_cfg(server.url, tiny_teacher, timeout_s=0.5), cache_root=".")
+    backend = EndpointBackend(endpoint_cfg(server.url, tiny_teacher, timeout_s=0.5), ModelStore(Path(".")))
     assert backend.embed(["gene"], "document").shape == (1, FAKE_DIM)
     assert backend.retries == 1 and len(server.requests) == 3
     closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(EndpointError, match=f"{closed}/v1/embeddings is unreachable.*3 attempts.*ConnectError"):
-        EndpointBackend(endpoint_cfg(closed, tiny_teacher, max_retries=2), cache_root=".")
+        EndpointBackend(endpoint_cfg(closed, tiny_teacher, max_retries=2), ModelStore(Path(".")))
 
 
 @pytest.mark.timeout(120)
 def test_request_batching_bounded_concurrency_and_order(fake_server, tiny_teacher):
     server = fake_server(delay_s=0.15)
     cfg = endpoint_cfg(server.url, tiny_teacher, request_batch_size=16, max_concurrency=3)
-    backend = EndpointBackend(cfg, cache_root=".")
+    backend = EndpointBackend(cfg, ModelStore(Path(".")))
     texts = random_texts(100, seed=1)
     vectors = backend.embed(texts, "document")
     np.testing.assert_allclose(vectors, unit([fake_vector(t) for t in texts]), rtol=1e-5)  # input order kept
@@ -303,9 +304,11 @@ def test_api_key_stays_out_of_logs_manifests_and_errors(fake_server, tiny_teache
     pq.write_table(table, tmp_path / "texts.parquet")
     script = textwrap.dedent(f"""
         import logging, pickle, sys, traceback, pyarrow.parquet as pq, ray
+        from pathlib import Path
         sys.path.insert(0, {str(REPO)!r})
         logging.basicConfig(level=logging.DEBUG)
         from leaf_ray.config import TeacherConfig
+        from leaf_ray.models import ModelStore
         from leaf_ray.teacher import build_cache
         from leaf_ray.teacher.endpoint_backend import EndpointBackend
         ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir={str(ray_tmp)!r})
@@ -314,14 +317,14 @@ def test_api_key_stays_out_of_logs_manifests_and_errors(fake_server, tiny_teache
         bad = TeacherConfig.model_validate_json({bad.model_dump_json()!r})
         cache = build_cache(table, good, {str(tmp_path / "cache")!r})
         print("COMPLETE", cache.complete, cache.dim)
-        backend = EndpointBackend(good, ".")
+        backend = EndpointBackend(good, ModelStore(Path(".")))
         print("REPR", repr(backend), backend.__dict__.keys())
         try:
             pickle.dumps(backend)
         except TypeError as exc:
             print("PICKLE REFUSED", exc)
         try:
-            EndpointBackend(bad, ".")
+            EndpointBackend(bad, ModelStore(Path(".")))
         except Exception as exc:
             print("LOCAL ERROR", exc, repr(exc))
             traceback.print_exc()
@@ -357,7 +360,7 @@ def test_missing_key_variable_is_named(fake_server, tiny_teacher, monkeypatch):
     monkeypatch.delenv("LEAF_ABSENT_KEY", raising=False)
     server = fake_server()
     with pytest.raises(EndpointError, match="LEAF_ABSENT_KEY.*not set"):
-        EndpointBackend(endpoint_cfg(server.url, tiny_teacher, api_key_env="LEAF_ABSENT_KEY"), ".")
+        EndpointBackend(endpoint_cfg(server.url, tiny_teacher, api_key_env="LEAF_ABSENT_KEY"), ModelStore(Path(".")))
     assert not server.requests
 
 
@@ -451,9 +454,9 @@ def test_endpoint_backend_on_a_real_vllm_server(vllm_minilm, ray_local, minilm_t
     """A vLLM OpenAI-compatible server on 127.0.0.1 serves MiniLM: the endpoint backend through the stage
     gives the in-process vectors. With the server stopped: retries, an error naming the endpoint, and
     nothing half-written."""
-    from leaf_ray.models import MINILM_ID, resolve_model
+    from leaf_ray.models import MINILM_ID
 
-    server, base_url = start_vllm_server(resolve_model(MINILM_ID), MINILM_ID, 256, tmp_path / "server.log")
+    server, base_url = start_vllm_server(ModelStore().resolve(MINILM_ID), MINILM_ID, 256, tmp_path / "server.log")
     cfg = minilm_cfg(backend="endpoint", endpoint={"base_url": base_url, "truncate_prompt_tokens": True,
                                                    "request_batch_size": 32, "max_concurrency": 4,
                                                    "max_retries": 2, "backoff_s": 0.2})

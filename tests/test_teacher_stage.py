@@ -232,7 +232,7 @@ def test_teacher_output_checks():
 @pytest.mark.e2e
 def test_bundled_minilm_on_train_text_equals_sentence_transformers(ray_local, data_root, tmp_path):
     """1,000 real texts through the stage equal plain sentence-transformers with the same prompts."""
-    from leaf_ray.models import MINILM_ID, resolve_model
+    from leaf_ray.models import MINILM_ID, ModelStore
 
     data = DataConfig(root=str(data_root), sources=[DataSource(path="train-text/texts.jsonl.gz", limit_queries=800,
                                                                limit_documents=200)])
@@ -244,7 +244,7 @@ def test_bundled_minilm_on_train_text_equals_sentence_transformers(ray_local, da
     cache = build_cache(texts, cfg, tmp_path)
     ids = cache.read_table().column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 1000 and set(ids) == set(table.column("id").to_pylist())
-    expected = plain_encode(resolve_model(MINILM_ID), table, cfg)
+    expected = plain_encode(ModelStore().resolve(MINILM_ID), table, cfg)
     assert cosines(cache.vectors_for(table.column("id").to_pylist()), expected).min() > 0.9999
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from leaf_ray.config import TeacherConfig
 from leaf_ray.evaluate.compression import truncate
 from leaf_ray.evaluate.data import EvaluationError
+from leaf_ray.models import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +60,17 @@ def sentence_transformer_source(model, prompts: Mapping[str, str], batch_size: i
     return encode
 
 
-def teacher_cache_source(teacher: TeacherConfig, cache_root, allow_hub: bool = False,
-                         model_root: Path | None = None) -> VectorSource:
+def teacher_cache_source(teacher: TeacherConfig, cache_root, models: ModelStore | None = None) -> VectorSource:
     """The teacher's vectors through the project's parquet cache (Ray Data stage): every student of a teacher
     is evaluated against the same cached teacher document vectors, and only the first evaluation pays.
-    `cache_root` and `model_root` as for leaf_ray.teacher.build_cache (the cache may be in a bucket)."""
+    `cache_root` and `models` as for leaf_ray.teacher.build_cache (the cache may be in a bucket)."""
     import pyarrow as pa
 
     from leaf_ray.teacher import teacher_embeddings
 
     def encode(texts: list[str], ids: list[str], kind: str) -> np.ndarray:
         table = pa.table({"id": ids, "text": texts, "kind": [kind] * len(texts)})
-        return teacher_embeddings(table, teacher, cache_root, allow_hub, model_root)
+        return teacher_embeddings(table, teacher, cache_root, models)
 
     return encode
 
@@ -110,19 +110,15 @@ def student_prompts(model, teacher: TeacherConfig) -> dict[str, str]:
     return {kind: own.get(kind, teacher.prompt_for(kind)) for kind in ("query", "document")}
 
 
-def build_sources(student: str, teacher: TeacherConfig, cache_root: Path, batch_size: int = 64,
-                  allow_hub: bool = False, teacher_cache=None) -> dict[str, VectorSource]:
-    """Teacher (through the teacher cache) and student (encoded directly). A student that is the teacher's own
-    model with the same prompts shares the teacher's source, so its texts are not encoded twice.
-    `cache_root` is the local model directory; `teacher_cache` the teacher-cache root (a local path, URI or
-    leaf_ray.storage.StoragePath), by default `cache_root`."""
-    from leaf_ray.models import load_sentence_transformer, resolve_model
-
-    model = load_sentence_transformer(student, cache_root, allow_hub=allow_hub)
+def build_sources(student: str, teacher: TeacherConfig, models: ModelStore, cache_root,
+                  batch_size: int = 64) -> dict[str, VectorSource]:
+    """Teacher (through the teacher cache under `cache_root`: a local path, URI or leaf_ray.storage.StoragePath)
+    and student (encoded directly), both loaded from `models`. A student that is the teacher's own model with
+    the same prompts shares the teacher's source, so its texts are not encoded twice."""
+    model = models.load(student)
     prompts = student_prompts(model, teacher)
-    teacher_source = teacher_cache_source(teacher, cache_root if teacher_cache is None else teacher_cache,
-                                          allow_hub, model_root=cache_root)
-    same_model = resolve_model(student, cache_root, allow_hub) == resolve_model(teacher.model, cache_root, allow_hub)
+    teacher_source = teacher_cache_source(teacher, cache_root, models)
+    same_model = models.resolve(student) == models.resolve(teacher.model)
     if same_model and prompts == {k: teacher.prompt_for(k) for k in prompts}:
         log.info("student %s is the teacher's model with the teacher's prompts: sharing its vectors", student)
         return {"teacher": teacher_source, "student": teacher_source}

@@ -6,36 +6,27 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from leaf_ray.config import RunConfig
-from leaf_ray.evaluate import beir_dataset, build_sources, bytes_per_vector, run_evaluation, student_prompts
-from leaf_ray.report import headline, write_report
+from leaf_ray.evaluate import bytes_per_vector
+from leaf_ray.report import headline
 from leaf_ray.sweep.space import FRONT_DIR, sweep_dir
 from leaf_ray.sweep.validation import QUALITY_METRIC, mean_metric
+
+if TYPE_CHECKING:  # annotations only: the job passes its run in
+    from leaf_ray.recipe import LeafRun
 
 SPEED_ROUNDS = 3  # timing rounds per encoder (best kept): short samples on a shared machine are noisy
 
 
-def measure_speed(cfg: RunConfig, rows: Sequence[dict]) -> dict[str, dict]:
+def measure_speed(run: LeafRun, rows: Sequence[dict]) -> dict[str, dict]:
     """docs/s, queries/s and batch-1 latency of the teacher and every evaluated student, on
     `evaluate.throughput_samples` validation texts, timed side by side in one call after the tuner (concurrent
     trials would time each other's load)."""
-    from leaf_ray.bench import measure_encoders
-    from leaf_ray.models import load_sentence_transformer
-    from leaf_ray.student import teacher_prompts
-
-    n = cfg.evaluate.throughput_samples
-    sample = beir_dataset(cfg.data, cfg.evaluate.datasets[0], cfg.sweep.validation_split, max_corpus=n,
-                          max_queries=n, seed=cfg.evaluate.seed)
-    encoders = {"teacher": load_sentence_transformer(cfg.teacher.model, cfg.storage.local_cache_path(),
-                                                     max_length=cfg.teacher.max_length, allow_hub=cfg.allow_hub)}
-    prompts = {"teacher": teacher_prompts(cfg.teacher)}
-    for row in rows:
-        if row["status"] == "evaluated":
-            encoders[row["trial_id"]] = load_sentence_transformer(row["student_path"])
-            prompts[row["trial_id"]] = student_prompts(encoders[row["trial_id"]], cfg.teacher)
-    return measure_encoders(encoders, sample.query_texts, sample.corpus_texts[:n], prompts, rounds=SPEED_ROUNDS,
-                            latency_queries=min(16, n))
+    students = {row["trial_id"]: row["student_path"] for row in rows if row["status"] == "evaluated"}
+    return run.throughput(students, split=run.cfg.sweep.validation_split, rounds=SPEED_ROUNDS,
+                          latency_queries=16)
 
 
 def pareto_front(points: Sequence[Mapping[str, float]], maximize: Sequence[str] = (),
@@ -70,25 +61,20 @@ def front_of(points: Sequence[dict]) -> list[int]:
     return pareto_front(points, maximize=("quality", "speed"), minimize=("bytes_per_vector",))
 
 
-def export_front(cfg: RunConfig, rows: Sequence[dict], points: Sequence[dict], front: Sequence[int],
+def export_front(run: LeafRun, rows: Sequence[dict], points: Sequence[dict], front: Sequence[int],
                  speed: Mapping[str, dict]) -> dict[str, list[dict]]:
     """Export each student with a point on the front like any run (`pareto/<trial>/student` + its manifest,
     and the results.json / results.md / plots of its evaluation on `evaluate.split`); returns the test records
     per trial id."""
-    from leaf_ray.student import update_manifest
-
-    by_id, tested = {row["trial_id"]: row for row in rows}, {}
+    cfg, by_id, tested = run.cfg, {row["trial_id"]: row for row in rows}, {}
     for trial_id in dict.fromkeys(points[i]["trial_id"] for i in front):
         row, out = by_id[trial_id], sweep_dir(cfg) / FRONT_DIR / trial_id
         shutil.copytree(row["student_path"], out / "student", dirs_exist_ok=True)
-        sources = build_sources(str(out / "student"), cfg.teacher, cfg.storage.local_cache_path(),
-                                cfg.evaluate.batch_size, cfg.allow_hub, teacher_cache=cfg.storage.cache_location())
-        evaluation = run_evaluation(cfg.evaluate, sources, cfg.data, progress=False)
+        evaluation = run.evaluate(out / "student", progress=False)
         summary = {"sweep": cfg.name, "trial": trial_id, "label": row["label"], "params": row["params"],
                    "param_counts": row["param_counts"], "train": row["train"], "throughput": speed[trial_id],
                    "validation": headline(row["records"]), "headline": headline(evaluation.records)}
-        update_manifest(out / "student", results=summary)
-        write_report(out, evaluation.records, f"Sweep {cfg.name}, trial {row['label']}: {cfg.teacher.model} -> leaf",
-                     summary, evaluation.notes(), plot_metrics=("ndcg_at_10", "cosine_spearman"))
+        title = f"Sweep {cfg.name}, trial {row['label']}: {cfg.teacher.model} -> leaf"
+        run.export(out / "student", out, evaluation, title, summary)
         tested[trial_id] = evaluation.records
     return tested

@@ -11,7 +11,7 @@ import math
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from leaf_ray.config import RunConfig
-from leaf_ray.evaluate import build_sources
+from leaf_ray.recipe import LeafRun
 from leaf_ray.storage import resolve
 from leaf_ray.sweep.space import TRIAL_SUMMARY, trial_config, trial_label
 from leaf_ray.sweep.validation import ALIGNMENT, QUALITY_METRIC, TRIAL_MODES, mean_metric, validation_records
@@ -38,18 +38,18 @@ def run_trial(params: dict, *, cfg_tree: dict, inputs) -> None:
     import torch
 
     from leaf_ray.student import read_manifest
-    from leaf_ray.train import run_dir_for, total_steps, train_student
+    from leaf_ray.train import total_steps
 
-    cfg = trial_config(RunConfig.model_validate(cfg_tree), params, ray.tune.get_context().get_trial_id())
-    summary_path = resolve(run_dir_for(cfg) / TRIAL_SUMMARY)
+    run = LeafRun(trial_config(RunConfig.model_validate(cfg_tree), params, ray.tune.get_context().get_trial_id()))
+    cfg = run.cfg
+    summary_path = resolve(run.folder.path / TRIAL_SUMMARY)
     if summary_path.is_file():  # evaluated before an interruption cut its report to Tune short: only report
         summary = json.loads(summary_path.read_text())
     else:
         torch.set_num_threads(max(1, math.ceil(cfg.sweep.cpus_per_trial)))
         last_step = total_steps(cfg.train, inputs.train_rows)
-        trained = train_student(cfg, inputs, callbacks=[AlignmentReportCallback(last_step)])
-        sources = build_sources(str(trained.student_path), cfg.teacher, cfg.storage.local_cache_path(),
-                                cfg.evaluate.batch_size, cfg.allow_hub, teacher_cache=cfg.storage.cache_location())
+        trained = run.train(inputs, callbacks=[AlignmentReportCallback(last_step)])
+        sources = run.sources(trained.student_path)
         counts = read_manifest(trained.student_path)["param_counts"]
         summary = {"trial_id": cfg.name, "label": trial_label(cfg, params), "params": dict(params),
                    "student_path": str(trained.student_path), "param_counts": counts, "train": trained.metrics,

@@ -29,8 +29,7 @@ def validation_records(cfg: RunConfig, sources, modes) -> list[dict]:
 def teacher_validation(cfg: RunConfig) -> list[dict]:
     """The teacher's own validation scores (the report's reference). Run by the driver before the tuner, it
     also caches the teacher's vectors of the validation texts, which every trial then only reads."""
-    teacher = teacher_cache_source(cfg.teacher, cfg.storage.cache_location(), cfg.allow_hub,
-                                   model_root=cfg.storage.local_cache_path())
+    teacher = teacher_cache_source(cfg.teacher, cfg.storage.cache_location(), cfg.model_store())
     return validation_records(cfg, {"teacher": teacher}, {"teacher": MODES["teacher"]})
 
 

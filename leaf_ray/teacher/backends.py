@@ -12,6 +12,7 @@ import numpy as np
 
 from leaf_ray.config import TeacherConfig
 from leaf_ray.errors import LeafRayError
+from leaf_ray.models import ModelStore
 
 
 class TeacherOutputError(LeafRayError, RuntimeError):
@@ -37,18 +38,14 @@ def _device(cfg: TeacherConfig) -> str:
 class TransformersBackend:
     """A sentence-transformers / Hugging Face encoder run in-process (CPU or one GPU)."""
 
-    def __init__(self, cfg: TeacherConfig, cache_root: str, allow_hub: bool = False):
+    def __init__(self, cfg: TeacherConfig, models: ModelStore):
         import torch
-
-        from leaf_ray.models import load_sentence_transformer
 
         torch.set_num_threads(cfg.torch_threads or max(1, math.ceil(cfg.num_cpus_per_actor)))
         self.cfg = cfg
         device = _device(cfg)
-        self.model = load_sentence_transformer(
-            cfg.model, cache_root, device=device, trust_remote_code=cfg.trust_remote_code,
-            allow_pickle_weights=cfg.allow_pickle_weights, allow_hub=allow_hub, max_length=cfg.max_length,
-        )
+        self.model = models.load(cfg.model, device=device, trust_remote_code=cfg.trust_remote_code,
+                                 allow_pickle_weights=cfg.allow_pickle_weights, max_length=cfg.max_length)
         dtype = cfg.dtype if cfg.dtype != "auto" else ("float16" if device == "cuda" else "float32")
         if dtype != "float32":
             self.model.to(getattr(torch, dtype))
@@ -80,20 +77,20 @@ def check_vectors(vectors: np.ndarray, rows: int, dim: int, teacher: str) -> np.
     return vectors
 
 
-def _vllm_backend(cfg: TeacherConfig, cache_root: str, allow_hub: bool = False) -> TeacherBackend:
+def _vllm_backend(cfg: TeacherConfig, models: ModelStore) -> TeacherBackend:
     from leaf_ray.teacher.vllm_backend import VllmBackend  # imports vllm: only where this backend runs
 
-    return VllmBackend(cfg, cache_root, allow_hub)
+    return VllmBackend(cfg, models)
 
 
-def _endpoint_backend(cfg: TeacherConfig, cache_root: str, allow_hub: bool = False) -> TeacherBackend:
+def _endpoint_backend(cfg: TeacherConfig, models: ModelStore) -> TeacherBackend:
     from leaf_ray.teacher.endpoint_backend import EndpointBackend
 
-    return EndpointBackend(cfg, cache_root, allow_hub)
+    return EndpointBackend(cfg, models)
 
 
 BACKENDS = {"transformers": TransformersBackend, "vllm": _vllm_backend, "endpoint": _endpoint_backend}
 
 
-def make_backend(cfg: TeacherConfig, cache_root: str, allow_hub: bool = False) -> TeacherBackend:
-    return BACKENDS[cfg.backend](cfg, cache_root, allow_hub)
+def make_backend(cfg: TeacherConfig, models: ModelStore) -> TeacherBackend:
+    return BACKENDS[cfg.backend](cfg, models)

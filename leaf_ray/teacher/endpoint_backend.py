@@ -25,6 +25,7 @@ import numpy as np
 
 from leaf_ray.config import TeacherConfig
 from leaf_ray.errors import LeafRayError
+from leaf_ray.models import ModelStore
 from leaf_ray.teacher.backends import check_vectors
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def is_retryable_status(status: int) -> bool:
 class EndpointBackend:
     """Teacher vectors from an OpenAI-compatible embeddings endpoint."""
 
-    def __init__(self, cfg: TeacherConfig, cache_root: str, allow_hub: bool = False):
+    def __init__(self, cfg: TeacherConfig, models: ModelStore):
         import httpx
 
         self.cfg = cfg
@@ -64,7 +65,7 @@ class EndpointBackend:
             raise EndpointError("teacher.endpoint.base_url is not set")
         self.url = embeddings_url(self.opts.base_url)
         self.model_name = self.opts.model or cfg.model
-        self._cache_root, self._allow_hub = cache_root, allow_hub
+        self._models = models
         self._secret: str | None = None
         headers = {}
         if self.opts.api_key_env:
@@ -190,9 +191,7 @@ class EndpointBackend:
                 try:
                     from transformers import AutoTokenizer
 
-                    from leaf_ray.models import resolve_model
-
-                    path = resolve_model(name, self._cache_root, self._allow_hub)
+                    path = self._models.resolve(name)
                     self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
                 except Exception as exc:  # noqa: BLE001 - counting is best effort; the vectors are not
                     self._no_tokenizer = True

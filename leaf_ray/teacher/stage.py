@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from leaf_ray.config import TeacherConfig
+from leaf_ray.models import ModelStore
 from leaf_ray.storage import DEFAULT_LOCAL_CACHE, StoragePath, resolve
 from leaf_ray.teacher.backends import make_backend
 from leaf_ray.teacher.cache import TeacherCache, teacher_fingerprint
@@ -42,8 +43,8 @@ class TeacherEmbedder:
     load fails a task, whose error reaches the driver as raised, not an actor's creation), embeds each batch by
     kind."""
 
-    def __init__(self, teacher: TeacherConfig, cache_root: str, allow_hub: bool = False):
-        self.options, self.loaded = (teacher, cache_root, allow_hub), None
+    def __init__(self, teacher: TeacherConfig, models: ModelStore):
+        self.options, self.loaded = (teacher, models), None
 
     @property
     def backend(self):
@@ -72,14 +73,14 @@ def _spread(count: int, rows: int) -> np.ndarray:
     return out
 
 
-def embed_dataset(ds, teacher: TeacherConfig, cache_root: str | Path, allow_hub: bool = False):
-    """Lazily add an `embedding` column (and `truncated` counts) to a Ray Dataset of text rows.
-    `cache_root` is the local directory where actors find (or reassemble) model weights."""
+def embed_dataset(ds, teacher: TeacherConfig, models: ModelStore):
+    """Lazily add an `embedding` column (and `truncated` counts) to a Ray Dataset of text rows; the actors load
+    the teacher from `models`."""
     import ray
 
     return raising_teacher_errors(ds).map_batches(
         TeacherEmbedder,
-        fn_constructor_kwargs={"teacher": teacher, "cache_root": str(cache_root), "allow_hub": allow_hub},
+        fn_constructor_kwargs={"teacher": teacher, "models": models},
         batch_size=teacher.batch_size * FORWARD_BATCHES_PER_CALL,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=teacher.min_actors, max_size=teacher.max_actors),
@@ -139,8 +140,8 @@ class CacheWriter:
     itself, so no vector passes through the driver. Returns one small row per chunk for the driver's progress and
     checks."""
 
-    def __init__(self, teacher: TeacherConfig, cache: TeacherCache, model_root: str, allow_hub: bool = False):
-        self.embedder = TeacherEmbedder(teacher, model_root, allow_hub)
+    def __init__(self, teacher: TeacherConfig, cache: TeacherCache, models: ModelStore):
+        self.embedder = TeacherEmbedder(teacher, models)
         self.cache, self.batch_size = cache, teacher.batch_size * FORWARD_BATCHES_PER_CALL
 
     def __call__(self, block: pa.Table) -> pa.Table:
@@ -171,23 +172,24 @@ class CacheWriter:
                          "truncated": [truncated]})
 
 
-def build_cache(texts, teacher: TeacherConfig, cache_root: str | Path | StoragePath, allow_hub: bool = False,
-                model_root: str | Path | None = None) -> TeacherCache:
+def build_cache(texts, teacher: TeacherConfig, cache_root: str | Path | StoragePath,
+                models: ModelStore | None = None) -> TeacherCache:
     """Return a complete teacher cache for `texts` (a Ray Dataset of text rows, or a table), computing only the
     chunks not yet cached.
 
     The rows are grouped by chunk with a Ray Data groupby; each group goes to a teacher actor that embeds it and
     writes its part, and the driver sees one small record per chunk.
     cache_root: a local directory, a storage URI or a resolved StoragePath (object stores included).
-    model_root: the local directory for model weights; None: cache_root when local, else ~/.cache/leaf-ray.
+    models: where the actors load the teacher from; None: weights under cache_root when it is local, else under
+    ~/.cache/leaf-ray, and no Hub.
     A complete cache is returned without loading the teacher. `cache.manifest["last_run"]` records
     how many chunks/rows this call computed and reused.
     """
     started = time.time()
     path, plan = plan_for(texts, teacher, cache_root)
-    if model_root is None:
+    if models is None:
         root = resolve(cache_root, "cache_root")
-        model_root = root.native() if root.is_local else DEFAULT_LOCAL_CACHE.expanduser()
+        models = ModelStore(root.native() if root.is_local else DEFAULT_LOCAL_CACHE.expanduser())
     cache = TeacherCache.open(path, teacher, plan, teacher.chunk_rows)
     cache.adopt_dim()
     missing = cache.missing_chunks(teacher.on_damaged_cache)
@@ -199,14 +201,14 @@ def build_cache(texts, teacher: TeacherConfig, cache_root: str | Path | StorageP
     todo_rows = sum(plan.sizes[i] for i in missing)
     stats = {"chunks_computed": len(missing), "rows_computed": todo_rows,
              "chunks_reused": cache.chunks - len(missing)}
-    stats |= _write_missing_parts(cache, texts, missing, todo_rows, teacher, model_root, allow_hub, started)
+    stats |= _write_missing_parts(cache, texts, missing, todo_rows, teacher, models, started)
     cache.finish(stats)
     log.info("teacher cache %s: %s", path.native(), stats)
     return cache
 
 
 def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_rows: int, teacher: TeacherConfig,
-                         model_root, allow_hub: bool, started: float) -> dict:
+                         models: ModelStore, started: float) -> dict:
     """Run the teacher pool over the missing chunks and check each chunk's record as it arrives.
 
     Returns timing stats: `first_output_s` (start-up: planning, grouping, pool scheduling, teacher load and the
@@ -224,8 +226,7 @@ def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_ro
     # the DeveloperAPI that Ray's own groupby().map_groups uses for the same purpose.
     records = raising_teacher_errors(grouped).map_batches_internal(
         CacheWriter, batch_size=None,
-        fn_constructor_kwargs={"teacher": teacher, "cache": cache, "model_root": str(model_root),
-                               "allow_hub": allow_hub},
+        fn_constructor_kwargs={"teacher": teacher, "cache": cache, "models": models},
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=teacher.min_actors, max_size=teacher.max_actors),
         num_cpus=teacher.num_cpus_per_actor, num_gpus=teacher.num_gpus_per_actor, **_placement(teacher))
@@ -262,8 +263,8 @@ def _keep_chunks(batch: pa.Table, chunks: int, keep: list[int]) -> pa.Table:
 
 
 def teacher_embeddings(table: pa.Table, teacher: TeacherConfig, cache_root: str | Path | StoragePath,
-                       allow_hub: bool = False, model_root: str | Path | None = None) -> np.ndarray:
+                       models: ModelStore | None = None) -> np.ndarray:
     """Teacher vectors for `table`'s rows in `table`'s order, through the cache (ids must be unique);
-    `cache_root` and `model_root` as for build_cache."""
-    cache = build_cache(table.select(["id", "text", "kind"]), teacher, cache_root, allow_hub, model_root)
+    `cache_root` and `models` as for build_cache."""
+    cache = build_cache(table.select(["id", "text", "kind"]), teacher, cache_root, models)
     return cache.vectors_for(table.column("id").to_pylist())

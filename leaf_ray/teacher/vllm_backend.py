@@ -30,6 +30,7 @@ import numpy as np
 
 from leaf_ray.config import TeacherConfig
 from leaf_ray.errors import LeafRayError
+from leaf_ray.models import ModelStore, check_model_dir
 from leaf_ray.teacher.backends import check_vectors
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,9 @@ def engine_args(cfg: TeacherConfig, on_gpu: bool) -> dict[str, Any]:
 class VllmBackend:
     """A pooling model served by an in-process vLLM engine (CPU build or CUDA)."""
 
-    def __init__(self, cfg: TeacherConfig, cache_root: str, allow_hub: bool = False):
-        from leaf_ray.models import check_model_dir, resolve_model
-
+    def __init__(self, cfg: TeacherConfig, models: ModelStore):
         vllm = import_vllm()
-        path = resolve_model(cfg.model, cache_root, allow_hub)
+        path = models.resolve(cfg.model)
         check_model_dir(path, cfg.trust_remote_code, cfg.allow_pickle_weights)
         self.cfg = cfg
         on_gpu = cfg.num_gpus_per_actor > 0 and _cuda_available()
