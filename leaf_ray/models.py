@@ -181,6 +181,9 @@ class ModelStore:
     root: Path = Path(".leaf_cache")  # storage.cache_root's default
     allow_hub: bool = False
 
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))  # a str root (a config value) works as well
+
     def resolve(self, name: str) -> Path:
         """Find `name` (a hub id or a local path) as a local directory; raise ModelNotFoundError if no
         source has it, saying what was tried and how to provide it."""

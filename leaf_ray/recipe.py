@@ -40,8 +40,8 @@ class LeafRun:
 
     @cached_property
     def folder(self) -> RunFolder:
-        """Built when first used: resolving an object-store runs_root may reach the store, which evaluate.py
-        with --out never needs."""
+        """Built when first used: resolving an object-store runs_root may reach the store, which
+        jobs/evaluate.py with --out never needs."""
         return RunFolder(self.cfg)
 
     def start(self, before_ray: Callable[[RunConfig], None] | None = None) -> LeafRun:
@@ -86,8 +86,8 @@ class LeafRun:
     def sources(self, student: Path | str, teacher: TeacherConfig | None = None) -> dict[str, VectorSource]:
         """Vector sources of `student` (a directory or model id) and of `teacher` (default: the run's), the
         teacher's through the run's teacher cache."""
-        return build_sources(str(student), teacher or self.cfg.teacher, self.models, self.cfg.storage.cache_location(),
-                             self.cfg.evaluate.batch_size)
+        return build_sources(str(student), teacher or self.cfg.teacher, self.cfg.storage.cache_location(),
+                             self.models, self.cfg.evaluate.batch_size)
 
     def evaluate(self, student: Path | str, teacher: TeacherConfig | None = None,
                  progress: bool = True) -> EvaluationResult:
@@ -107,7 +107,9 @@ class LeafRun:
             return {}
         sample = beir_dataset(self.cfg.data, self.cfg.evaluate.datasets[0], split or self.cfg.evaluate.split,
                               max_corpus=n, max_queries=n, seed=self.cfg.evaluate.seed)
-        encoders = {"teacher": self.models.load(teacher.model, max_length=teacher.max_length)}
+        encoders = {"teacher": self.models.load(teacher.model, max_length=teacher.max_length,
+                                                trust_remote_code=teacher.trust_remote_code,
+                                                allow_pickle_weights=teacher.allow_pickle_weights)}
         prompts = {"teacher": teacher_prompts(teacher)}
         for name, path in students.items():
             encoders[name] = self.models.load(str(path))

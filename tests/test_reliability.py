@@ -148,7 +148,8 @@ def own_processes(title: str) -> list[psutil.Process]:
 
 
 class KillWhen(threading.Thread):
-    """SIGKILL this process's Ray workers titled `title` once `ready()` holds (polled every 50 ms), once."""
+    """SIGKILL one of this process's Ray workers titled `title` once `ready()` holds (polled every 50 ms): one
+    running a task (titled `ray::<Actor>.<method>`) when there is one, since a pool may also hold idle actors."""
 
     def __init__(self, title: str, ready, timeout_s: float = 400):
         super().__init__(daemon=True)
@@ -161,9 +162,11 @@ class KillWhen(threading.Thread):
         deadline = time.time() + self.timeout_s
         while not self.stop.is_set() and time.time() < deadline:
             if self.ready():
-                for proc in own_processes(self.title):
-                    self.killed.append(" ".join(proc.cmdline()))
-                    proc.kill()
+                found = [(" ".join(proc.cmdline()), proc) for proc in own_processes(self.title)]
+                found.sort(key=lambda item: "." not in item[0].split()[0].split(self.title, 1)[-1])  # busy first
+                if found:
+                    self.killed.append(found[0][0])
+                    found[0][1].kill()
                 return
             time.sleep(0.05)
 

@@ -110,7 +110,7 @@ def student_prompts(model, teacher: TeacherConfig) -> dict[str, str]:
     return {kind: own.get(kind, teacher.prompt_for(kind)) for kind in ("query", "document")}
 
 
-def build_sources(student: str, teacher: TeacherConfig, models: ModelStore, cache_root,
+def build_sources(student: str, teacher: TeacherConfig, cache_root, models: ModelStore,
                   batch_size: int = 64) -> dict[str, VectorSource]:
     """Teacher (through the teacher cache under `cache_root`: a local path, URI or leaf_ray.storage.StoragePath)
     and student (encoded directly), both loaded from `models`. A student that is the teacher's own model with
