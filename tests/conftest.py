@@ -173,3 +173,20 @@ def cached_rows(teacher_dir: Path, texts, path: Path):
 def tiny_cache(tiny_teacher, tmp_path_factory):
     """480 rows of the tiny teacher's vectors, as a teacher cache would hold them."""
     return cached_rows(tiny_teacher, text_rows(480), tmp_path_factory.mktemp("tiny_cache") / "part-00000.parquet")
+
+
+# -- Hugging Face cache layouts (offline stand-ins for the Hub) -------------------------------------------
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_snapshot(cache: Path, repo_id: str, revision: str | None = None, commit: str = HUB_COMMIT) -> Path:
+    """An empty snapshot (`commit`) of dataset `repo_id` in the Hugging Face cache at `cache`, reachable by
+    `revision`: a branch's ref (default `main`), or the commit itself."""
+    repo = cache / f"datasets--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    if revision != commit:
+        (repo / "refs" / (revision or "main")).write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    return snapshot

@@ -20,24 +20,12 @@ from leaf_ray.config import DataConfig, DataSource, EvalConfig, RunConfig
 from leaf_ray.data import DataError
 from leaf_ray.data.hub import HubPath
 from leaf_ray.evaluate import run_evaluation
+from tests.conftest import HUB_COMMIT as COMMIT, hub_snapshot
 from tests.test_evaluate import bag_of_words, topic_beir, write_sts
 
 pytestmark = pytest.mark.timeout(300)
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 STS_ROWS = [(5.0, "a cat sits", "a cat sits"), (3.0, "a cat sits", "a cat runs"),
             (1.0, "a dog barks loudly", "the cat sits quietly"), (0.0, "red apple", "fast engine")]
-
-
-def hub_snapshot(cache: Path, repo_id: str, revision: str | None = None, commit: str = COMMIT) -> Path:
-    """An empty snapshot (`commit`) of dataset `repo_id` in the Hugging Face cache at `cache`, reachable by
-    `revision`: a branch's ref (default `main`), or the commit itself."""
-    repo = cache / f"datasets--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    if revision != commit:
-        (repo / "refs" / (revision or "main")).write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    return snapshot
 
 
 def write_hub_sts(folder: Path, rows, split: str = "test") -> Path:

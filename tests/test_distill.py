@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from leaf_ray.data.hub import HubPath
 from leaf_ray.runs import RunFinishedError
-from tests.conftest import DATA_ROOT, REPO, random_texts, run_in_process
+from tests.conftest import DATA_ROOT, REPO, hub_snapshot, random_texts, run_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -178,11 +179,9 @@ def test_the_paper_recipe_runs_end_to_end_from_a_cache_laid_out_like_the_hub(ray
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     texts = iter(random_texts(60 * len(config["data"]["sources"]), seed=5))
     for source in config["data"]["sources"]:
-        org, name, *inside = source["path"].removeprefix("hf://datasets/").split("/")
-        file = cache / f"datasets--{org}--{name}" / "snapshots" / ("0" * 40) / hub_layout_file("/".join(inside))
-        (cache / f"datasets--{org}--{name}" / "refs").mkdir(parents=True)
-        (cache / f"datasets--{org}--{name}" / "refs" / "main").write_text("0" * 40)
-        file.parent.mkdir(parents=True)
+        hub = HubPath.parse(source["path"])
+        file = hub_snapshot(cache, hub.repo_id, hub.revision) / hub_layout_file(hub.path)
+        file.parent.mkdir(parents=True, exist_ok=True)
         columns = {source.get("text_field", "text"): [f"{next(texts)} {source['name']} {i}" for i in range(60)]}
         if source.get("id_field", "id") is not None:  # msmarco and pubmedqa ids are integers, as on the Hub
             ids = list(range(60)) if source.get("id_field") in ("query_id", "pubid") else [f"x{i}" for i in range(60)]

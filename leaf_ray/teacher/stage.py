@@ -177,7 +177,7 @@ def build_cache(texts, teacher: TeacherConfig, cache_root: str | Path | StorageP
     """Return a complete teacher cache for `texts` (a Ray Dataset of text rows, or a table), computing only the
     chunks not yet cached.
 
-    The rows are grouped by chunk with a Ray Data groupby; each group goes to a teacher actor that embeds it and
+    The rows are sorted by chunk with a Ray Data sort; each chunk goes to a teacher actor that embeds it and
     writes its part, and the driver sees one small record per chunk.
     cache_root: a local directory, a storage URI or a resolved StoragePath (object stores included).
     models: where the actors load the teacher from; None: weights under cache_root when it is local, else under
