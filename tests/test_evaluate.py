@@ -19,6 +19,7 @@ from leaf_ray.data import DataError
 from leaf_ray.evaluate import (
     EvaluationError,
     Quantizer,
+    TeacherCacheSource,
     bytes_per_vector,
     derive,
     encode_once,
@@ -32,7 +33,6 @@ from leaf_ray.evaluate import (
     retrieval_task,
     run_evaluation,
     run_retrieval,
-    teacher_cache_source,
     truncate,
     variants,
 )
@@ -387,7 +387,8 @@ def test_job_evaluates_a_student_dir_against_its_manifest_teacher(ray_local, tin
     combos = {(r["task"], r["mode"], r["dims"], r["quantization"]) for r in saved["records"]}
     assert len(combos) == 2 * 3 * 2 * 3
     assert saved["notes"] == ["toybeir/test: 1 qrels rows name unknown documents (kept as misses)"]
-    assert (tmp_path / "cache" / "teacher").is_dir()  # the teacher's vectors went through its cache
+    # the teacher's vectors went through its cache, the queries, documents and STS sentences in one stage
+    assert len(list((tmp_path / "cache" / "teacher").rglob("manifest.json"))) == 1
     assert {"toybeir_test_ndcg_at_10", "toysts_test_cosine_spearman"} <= paths.keys()
 
 
@@ -400,21 +401,19 @@ def minilm_teacher(ray_local):
     once, later runs and clones reuse the cached vectors."""
     from leaf_ray.models import MINILM_ID
 
-    return teacher_cache_source(TeacherConfig(model=MINILM_ID, torch_threads=2), REAL_VECTORS_CACHE)
+    return TeacherCacheSource(TeacherConfig(model=MINILM_ID, torch_threads=2), REAL_VECTORS_CACHE)
 
 
 @pytest.fixture(scope="session")
 def scifact_minilm(data_root, minilm_teacher):
     """SciFact's test split and MiniLM's vectors of its queries and full corpus."""
     data = load_beir(data_root / "scifact", "test")
-    vectors = {"query": minilm_teacher(data.query_texts, data.query_ids, "query"),
-               "document": minilm_teacher(data.corpus_texts, data.corpus_ids, "document")}
-    return data, vectors
+    return data, {kind: minilm_teacher(texts, ids, kind) for texts, ids, kind in data.requests()}
 
 
 def served(data, vectors: dict[str, np.ndarray]):
     """A VectorSource answering from the session's vectors (only for the texts they were computed for)."""
-    encoded = {"query": data.query_ids, "document": data.corpus_ids}
+    encoded = {kind: ids for _, ids, kind in data.requests()}
 
     def source(texts, ids, kind):
         assert list(ids) == encoded[kind]

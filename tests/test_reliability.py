@@ -260,43 +260,60 @@ def interrupt_job(job, overrides: list[str], sig: signal.Signals, ready, log: Pa
         proc.wait()
 
 
+def training_starts(run_dir: Path) -> list[dict]:
+    """The `start` events of a run's metrics log: one per launch of its training."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    return [event for event in map(json.loads, filter(None, lines)) if event["event"] == "start"]
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
-@pytest.mark.parametrize("teacher_signal, train_signal", [(signal.SIGINT, signal.SIGTERM),
-                                                          (signal.SIGTERM, signal.SIGINT)],
-                         ids=["SIGINT-in-teacher-SIGTERM-in-training", "SIGTERM-in-teacher-SIGINT-in-training"])
-def test_interrupted_job_resumes_only_the_missing_work(reference, job, tmp_path, teacher_signal, train_signal):
-    """train_student.py interrupted in its teacher stage, rerun and interrupted in training, rerun to the end:
-    each rerun recomputes exactly the chunks and steps that were missing, and the result is the undisturbed one."""
+@pytest.mark.timeout(1500)
+def test_interrupted_job_resumes_only_the_missing_work(reference, job, tmp_path):
+    """train_student.py stopped four times, each signal in each stage (SIGINT in the teacher stage, then SIGTERM
+    there, then SIGINT and SIGTERM in training), then run to the end: each launch keeps what the ones before
+    finished, recomputes only the chunks and steps that were missing, and the result is the undisturbed one."""
     overrides = where(tmp_path, "interrupted")
     cfg = load_config(job.config, overrides)
     cache_dir = cache_path_for(job.texts, cfg.teacher, cfg.storage.cache_root)
     run_dir = tmp_path / "runs" / "interrupted"
 
-    status = interrupt_job(job, overrides, teacher_signal, lambda: len(cache_parts(cache_dir)) >= 3,
-                           tmp_path / "first.log")
-    assert status != 0
-    kept = {part.name: part.stat().st_mtime_ns for part in cache_parts(cache_dir)}
-    assert 3 <= len(kept) < TEXTS // CHUNK and not json.loads((cache_dir / MANIFEST).read_text())["complete"]
-    kept_rows = rows_of(cache_dir, [chunk_index(cache_dir / name) for name in kept])
-    assert not run_dir.exists() or registered_checkpoint_step(run_dir) is None  # training never started
+    def parts() -> dict[str, int]:
+        return {part.name: part.stat().st_mtime_ns for part in cache_parts(cache_dir)}
 
-    status = interrupt_job(job, overrides, train_signal,
-                           lambda: (registered_checkpoint_step(run_dir) or 0) >= CHECKPOINT_EVERY,
-                           tmp_path / "second.log")
-    assert status != 0
-    stats = json.loads((cache_dir / MANIFEST).read_text())["last_run"]
-    assert stats["chunks_reused"] == len(kept) and stats["rows_computed"] == TEXTS - kept_rows
-    assert {part.name: part.stat().st_mtime_ns for part in cache_parts(cache_dir) if part.name in kept} == kept
-    stopped_at = registered_checkpoint_step(run_dir)
-    assert stopped_at < reference.result.steps
+    kept: dict[str, int] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        before = len(kept)
+        status = interrupt_job(job, overrides, sig, lambda: len(cache_parts(cache_dir)) >= before + 3,
+                               tmp_path / f"teacher-{sig.name}.log")
+        assert status != 0, sig.name
+        now = parts()
+        assert {name: now[name] for name in kept} == kept, f"{sig.name}: finished parts were rewritten"
+        assert before + 3 <= len(now) < TEXTS // CHUNK and not json.loads((cache_dir / MANIFEST).read_text())["complete"]
+        assert not run_dir.exists() or registered_checkpoint_step(run_dir) is None  # training never started
+        kept = now
+    kept_rows = rows_of(cache_dir, [chunk_index(cache_dir / name) for name in kept])
+
+    stops = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        resume_from = stops[-1] if stops else 0
+        status = interrupt_job(job, overrides, sig,
+                               lambda: (registered_checkpoint_step(run_dir) or 0) >= resume_from + CHECKPOINT_EVERY,
+                               tmp_path / f"train-{sig.name}.log")
+        assert status != 0, sig.name
+        assert training_starts(run_dir)[-1]["step"] == resume_from, f"{sig.name}: did not resume at {resume_from}"
+        stops.append(registered_checkpoint_step(run_dir))
+        if len(stops) == 1:  # the launch that finished the teacher stage
+            stats = json.loads((cache_dir / MANIFEST).read_text())["last_run"]
+            assert stats["chunks_reused"] == len(kept) and stats["rows_computed"] == TEXTS - kept_rows
+    assert stops[0] < stops[1] < reference.result.steps
+    assert {name: mtime for name, mtime in parts().items() if name in kept} == kept
 
     finished = json.loads((cache_dir / MANIFEST).read_text())["finished"]
     inputs = training_inputs(cfg, job.texts)
     result = train_student(cfg, inputs)
     assert json.loads((cache_dir / MANIFEST).read_text())["finished"] == finished  # the teacher did not run again
-    assert result.start["resumed"] and result.start["step"] == stopped_at
-    assert result.metrics["steps_this_run"] == reference.result.steps - stopped_at
+    assert result.start["resumed"] and result.start["step"] == stops[-1]
+    assert result.metrics["steps_this_run"] == reference.result.steps - stops[-1]
     assert_same_cache(TeacherCache.load(cache_dir), reference)
     assert_trained_like(result, reference, job.table)
 

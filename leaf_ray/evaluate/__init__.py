@@ -22,14 +22,14 @@ from leaf_ray.evaluate.agreement import OVERLAP_K, mean_cosine, overlap_at_k
 from leaf_ray.evaluate.compression import Quantizer, bytes_per_vector, derive, truncate, variants
 from leaf_ray.evaluate.data import EvaluationError, RetrievalData, STSData, beir_dataset, load_beir, load_sts
 from leaf_ray.evaluate.mteb_adapter import ServedEncoder, mteb_scores, retrieval_task, run_retrieval, sts_task
-from leaf_ray.evaluate.sources import (VectorSource, build_sources, encode_once, resolve_teacher,
-                                       student_prompts, teacher_cache_source)
+from leaf_ray.evaluate.sources import (TeacherCacheSource, VectorSource, build_sources, encode_once, prefetch,
+                                       resolve_teacher, student_prompts)
 
 __all__ = ["MODES", "RETRIEVAL_METRICS", "STS_METRICS", "EvaluationError", "EvaluationResult", "Quantizer",
-           "beir_dataset", "build_sources", "bytes_per_vector", "derive", "encode_once", "evaluate_retrieval",
-           "evaluate_sts", "load_beir", "load_sts", "mean_cosine", "overlap_at_k", "resolve_teacher",
-           "retrieval_task", "run_evaluation", "run_retrieval", "student_prompts", "teacher_cache_source",
-           "truncate", "variants"]
+           "TeacherCacheSource", "beir_dataset", "build_sources", "bytes_per_vector", "derive", "encode_once",
+           "evaluate_retrieval", "evaluate_sts", "load_beir", "load_sts", "mean_cosine", "overlap_at_k", "prefetch",
+           "resolve_teacher", "retrieval_task", "run_evaluation", "run_retrieval", "student_prompts", "truncate",
+           "variants"]
 
 # mode -> (encoder of the queries, encoder of the documents); STS: sentence1 is the query side.
 MODES: dict[str, tuple[str, str]] = {
@@ -72,8 +72,9 @@ def evaluate_retrieval(data: RetrievalData, sources: Mapping[str, VectorSource],
     """Metric records for every (mode, dims, quantization) on one retrieval split, plus agreement with the
     teacher: overlap@10 against the teacher's ranking at the same variant, mean cosine at each dims."""
     modes = _modes_for(sources, modes)
-    queries = encode_once(sources, data.query_texts, data.query_ids, "query", timings)
-    documents = encode_once(sources, data.corpus_texts, data.corpus_ids, "document", timings)
+    query_request, document_request = data.requests()
+    queries = encode_once(sources, *query_request, timings)
+    documents = encode_once(sources, *document_request, timings)
     full = _full_dim(documents)
     task = retrieval_task(data)
     task.load_data()
@@ -106,8 +107,9 @@ def evaluate_sts(data: STSData, sources: Mapping[str, VectorSource], dims: Seque
     against teacher sentence2 vectors. int8 ranges are fit on the document-side encoder's vectors of all
     sentences."""
     modes = _modes_for(sources, modes)
-    texts = list(dict.fromkeys(data.sentence1 + data.sentence2))
-    vectors = encode_once(sources, texts, [f"{data.name}:{i}" for i in range(len(texts))], kind, timings)
+    request = data.request(kind)
+    texts = request[0]
+    vectors = encode_once(sources, *request, timings)
     full = _full_dim(vectors)
     task = sts_task(data)
     task.load_data()
@@ -142,25 +144,25 @@ class EvaluationResult:
 
 def run_evaluation(cfg: EvalConfig, sources: Mapping[str, VectorSource], data_cfg: DataConfig,
                    progress: bool = True) -> EvaluationResult:
-    """Every configured BEIR dataset (and the STS folder, if set) for every mode the sources allow."""
+    """Every configured BEIR dataset (and the STS folder, if set) for every mode the sources allow. All data is
+    read first, so the teacher encodes every dataset's texts in one stage."""
     if not cfg.datasets and not cfg.sts:
         raise EvaluationError("evaluate.datasets is empty and evaluate.sts is unset: nothing to evaluate")
-    records, summaries, timings = [], [], {}
-    for name in cfg.datasets:
-        started = time.perf_counter()
-        data = beir_dataset(data_cfg, name, cfg.split, cfg.max_corpus, cfg.max_queries, cfg.seed)
+    started = time.perf_counter()
+    retrieval = [beir_dataset(data_cfg, name, cfg.split, cfg.max_corpus, cfg.max_queries, cfg.seed)
+                 for name in cfg.datasets]
+    sts = load_sts(data_cfg.resolve_path(cfg.sts), cfg.split, name=PurePosixPath(cfg.sts).name) if cfg.sts else None
+    prefetch(sources, [r for data in retrieval for r in data.requests()] + ([sts.request(cfg.sts_kind)] if sts else []))
+    timings = {"prefetch_s": round(time.perf_counter() - started, 2)}
+    records, summaries = [], []
+    for data in retrieval + ([sts] if sts else []):
+        started, steps = time.perf_counter(), {}
         summaries.append(data.summary())
-        steps: dict[str, float] = {}
-        records += evaluate_retrieval(data, sources, cfg.dims, cfg.quantizations, timings=steps, progress=progress)
-        timings |= {f"{data.name}_{k}": v for k, v in steps.items()}
-        timings[f"{data.name}_total_s"] = round(time.perf_counter() - started, 2)
-    if cfg.sts:
-        started = time.perf_counter()
-        data = load_sts(data_cfg.resolve_path(cfg.sts), cfg.split, name=PurePosixPath(cfg.sts).name)
-        summaries.append(data.summary())
-        steps = {}
-        records += evaluate_sts(data, sources, cfg.dims, cfg.quantizations, kind=cfg.sts_kind, timings=steps,
-                                progress=progress)
+        if isinstance(data, RetrievalData):
+            records += evaluate_retrieval(data, sources, cfg.dims, cfg.quantizations, timings=steps, progress=progress)
+        else:
+            records += evaluate_sts(data, sources, cfg.dims, cfg.quantizations, kind=cfg.sts_kind, timings=steps,
+                                    progress=progress)
         timings |= {f"{data.name}_{k}": v for k, v in steps.items()}
         timings[f"{data.name}_total_s"] = round(time.perf_counter() - started, 2)
     return EvaluationResult(records, summaries, timings)

@@ -25,6 +25,11 @@ class EvaluationError(LeafRayError, ValueError):
     """Evaluation inputs that cannot give meaningful numbers; the message says which and why."""
 
 
+# What an encoder is asked for: (texts, ids, kind). Ids are namespaced by dataset, so that (kind, id) names one
+# text across all the datasets of an evaluation and a cache can serve them all from one pass.
+EncodeRequest = tuple[list[str], list[str], str]
+
+
 @dataclass
 class RetrievalData:
     """One split of a BEIR folder, checked: every oddity in the qrels is counted in `issues`, never dropped
@@ -44,6 +49,11 @@ class RetrievalData:
         return {"dataset": self.name, "split": self.split, "task": "retrieval", "documents": len(self.corpus_ids),
                 "queries": len(self.query_ids), "qrels": sum(len(d) for d in self.qrels.values()), **self.issues}
 
+    def requests(self) -> tuple[EncodeRequest, EncodeRequest]:
+        """What the queries' and the documents' encoders are asked for."""
+        return ((self.query_texts, [f"{self.name}:{i}" for i in self.query_ids], "query"),
+                (self.corpus_texts, [f"{self.name}:{i}" for i in self.corpus_ids], "document"))
+
 
 @dataclass
 class STSData:
@@ -55,6 +65,11 @@ class STSData:
 
     def summary(self) -> dict[str, Any]:
         return {"dataset": self.name, "split": self.split, "task": "sts", "pairs": len(self.scores)}
+
+    def request(self, kind: str) -> EncodeRequest:
+        """Every distinct sentence of either side, encoded as `kind`."""
+        texts = list(dict.fromkeys(self.sentence1 + self.sentence2))
+        return texts, [f"{self.name}:{i}" for i in range(len(texts))], kind
 
 
 def _read_qrels(path: Path) -> list[tuple[str, str, int]]:

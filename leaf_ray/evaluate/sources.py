@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from leaf_ray.config import TeacherConfig
 from leaf_ray.evaluate.compression import truncate
-from leaf_ray.evaluate.data import EvaluationError
+from leaf_ray.evaluate.data import EncodeRequest, EvaluationError
 from leaf_ray.models import ModelStore
 
 log = logging.getLogger(__name__)
@@ -60,19 +60,40 @@ def sentence_transformer_source(model, prompts: Mapping[str, str], batch_size: i
     return encode
 
 
-def teacher_cache_source(teacher: TeacherConfig, cache_root, models: ModelStore | None = None) -> VectorSource:
-    """The teacher's vectors through the project's parquet cache (Ray Data stage): every student of a teacher
-    is evaluated against the same cached teacher document vectors, and only the first evaluation pays.
-    `cache_root` and `models` as for leaf_ray.teacher.build_cache (the cache may be in a bucket)."""
-    import pyarrow as pa
+class TeacherCacheSource:
+    """The teacher's vectors through the project's parquet cache (a Ray Data stage): every student of a teacher
+    is evaluated against the same cached teacher vectors, and only the first evaluation pays. `prefetch` takes
+    everything an evaluation will ask for at once, so its datasets and sides share one stage (one start of the
+    teacher pool) and one cache. `cache_root` and `models` as for leaf_ray.teacher.build_cache (the cache may be
+    in a bucket)."""
 
-    from leaf_ray.teacher import teacher_embeddings
+    def __init__(self, teacher: TeacherConfig, cache_root, models: ModelStore | None = None):
+        self.teacher, self.cache_root, self.models = teacher, cache_root, models
+        self._vectors: dict[tuple[str, str], np.ndarray] = {}  # (kind, id) -> vector
 
-    def encode(texts: list[str], ids: list[str], kind: str) -> np.ndarray:
-        table = pa.table({"id": ids, "text": texts, "kind": [kind] * len(texts)})
-        return teacher_embeddings(table, teacher, cache_root, models)
+    def prefetch(self, requests: Iterable[EncodeRequest]) -> None:
+        import pyarrow as pa
 
-    return encode
+        from leaf_ray.teacher import teacher_embeddings
+
+        missing = {(kind, i): text for texts, ids, kind in requests for i, text in zip(ids, texts)
+                   if (kind, i) not in self._vectors}
+        if missing:
+            table = pa.table({"id": [f"{kind}:{i}" for kind, i in missing], "text": list(missing.values()),
+                              "kind": [kind for kind, _ in missing]})
+            vectors = teacher_embeddings(table, self.teacher, self.cache_root, self.models)
+            self._vectors.update(zip(missing, vectors))
+
+    def __call__(self, texts: list[str], ids: list[str], kind: str) -> np.ndarray:
+        self.prefetch([(texts, ids, kind)])
+        return np.stack([self._vectors[kind, i] for i in ids])
+
+
+def prefetch(sources: Mapping[str, VectorSource], requests: Sequence[EncodeRequest]) -> None:
+    """Hand every source that can batch (a TeacherCacheSource) all the requests of an evaluation up front."""
+    for source in {id(s): s for s in sources.values()}.values():
+        if hasattr(source, "prefetch"):
+            source.prefetch(requests)
 
 
 def load_manifest(student_dir: Path) -> dict | None:
@@ -117,7 +138,7 @@ def build_sources(student: str, teacher: TeacherConfig, cache_root, models: Mode
     the same prompts shares the teacher's source, so its texts are not encoded twice."""
     model = models.load(student)
     prompts = student_prompts(model, teacher)
-    teacher_source = teacher_cache_source(teacher, cache_root, models)
+    teacher_source = TeacherCacheSource(teacher, cache_root, models)
     same_model = models.resolve(student) == models.resolve(teacher.model)
     if same_model and prompts == {k: teacher.prompt_for(k) for k in prompts}:
         log.info("student %s is the teacher's model with the teacher's prompts: sharing its vectors", student)

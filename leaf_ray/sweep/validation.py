@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from leaf_ray.config import RunConfig
-from leaf_ray.evaluate import MODES, beir_dataset, evaluate_retrieval, teacher_cache_source
+from leaf_ray.evaluate import MODES, TeacherCacheSource, beir_dataset, evaluate_retrieval, prefetch
 
 ALIGNMENT = "val_cosine"  # what ASHA ranks trials by (leaf_ray.train reports it)
 TRIAL_MODES = {mode: MODES[mode] for mode in ("student", "asymmetric")}
@@ -18,18 +18,17 @@ def validation_records(cfg: RunConfig, sources, modes) -> list[dict]:
     """Retrieval records on `sweep.validation_split` of every evaluate.datasets entry (never the test split),
     at every dims x quantization of the evaluate section."""
     sweep, ev = cfg.sweep, cfg.evaluate
-    records = []
-    for name in ev.datasets:
-        data = beir_dataset(cfg.data, name, sweep.validation_split, sweep.validation_max_corpus,
-                            sweep.validation_max_queries, ev.seed)
-        records += evaluate_retrieval(data, sources, ev.dims, ev.quantizations, modes=modes, progress=False)
-    return records
+    datasets = [beir_dataset(cfg.data, name, sweep.validation_split, sweep.validation_max_corpus,
+                             sweep.validation_max_queries, ev.seed) for name in ev.datasets]
+    prefetch(sources, [r for data in datasets for r in data.requests()])
+    return [record for data in datasets
+            for record in evaluate_retrieval(data, sources, ev.dims, ev.quantizations, modes=modes, progress=False)]
 
 
 def teacher_validation(cfg: RunConfig) -> list[dict]:
     """The teacher's own validation scores (the report's reference). Run by the driver before the tuner, it
     also caches the teacher's vectors of the validation texts, which every trial then only reads."""
-    teacher = teacher_cache_source(cfg.teacher, cfg.storage.cache_location(), cfg.model_store())
+    teacher = TeacherCacheSource(cfg.teacher, cfg.storage.cache_location(), cfg.model_store())
     return validation_records(cfg, {"teacher": teacher}, {"teacher": MODES["teacher"]})
 
 
