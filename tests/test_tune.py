@@ -108,10 +108,10 @@ def test_a_restart_with_another_config_is_refused(tmp_path):
 
 
 # -- a real sweep, interrupted and continued ---------------------------------------------------------------------
-# 3 trials, one at a time so ASHA's decisions are deterministic: Tune's grid runs the students l02, l02-hot (l02
-# at lr 5.0) and l13 in that order, each with the grid's one weight decay. An lr of 5.0 wrecks a student within
-# 6 steps, so ASHA's first rung (step 6) stops l02-hot against l02, and l13 clears the median of the two. 18 steps
-# per trial.
+# 3 trials, one at a time so ASHA's decisions are deterministic: Tune's grid runs the students l02, l13 and lr5
+# (l02 at lr 5.0) in that order, each with the grid's one weight decay. The first run is stopped after l02; the
+# restored scheduler starts with empty rungs, so l13 runs to the end, and lr5, wrecked by its lr within 6 steps, is
+# stopped at ASHA's first rung (step 6) against l13. 18 steps per trial.
 
 SWEEP = "tiny-sweep"
 
@@ -123,9 +123,8 @@ def tiny_sweep_config(tmp: Path, teacher: Path) -> Path:
     config["evaluate"].update(sts=None, dims=[16], quantizations=["float32", "binary"], max_corpus=150,
                               max_queries=20, throughput_samples=16)
     config["train"]["lr"] = 1e-3
-    config["sweep"] = {"students": {"l02": {"student.layers": [0, 2]},
-                                    "l02-hot": {"student.layers": [0, 2], "train.lr": 5.0},
-                                    "l13": {"student.layers": [1, 3]}},
+    config["sweep"] = {"students": {"l02": {"student.layers": [0, 2]}, "l13": {"student.layers": [1, 3]},
+                                    "lr5": {"student.layers": [0, 2], "train.lr": 5.0}},
                        "grid": {"train.weight_decay": [0.01]}, "validation_max_queries": 20,
                        "validation_max_corpus": 150,
                        "max_concurrent_trials": 1, "asha": {"grace_period_steps": 6, "reduction_factor": 2}}
@@ -192,10 +191,10 @@ def test_interrupted_sweep_continues_without_redoing_finished_trials(sweep):
 def test_every_trial_is_reported_and_asha_stops_the_diverging_one(sweep):
     assert sweep.report is not None, sweep.second.stderr[-5000:]
     trials = {t["params"]["student"]: t for t in sweep.report["trials"]}
-    assert set(trials) == {"l02", "l13", "l02-hot"}
+    assert set(trials) == {"l02", "l13", "lr5"}
     assert {t["params"]["train.weight_decay"] for t in trials.values()} == {0.01}
     assert trials["l02"]["status"] == trials["l13"]["status"] == "evaluated"
-    stopped = trials["l02-hot"]
+    stopped = trials["lr5"]
     assert stopped["status"] == "stopped early (ASHA)" and stopped["train"]["step"] < 18
     assert sweep.report["meta"]["placement_groups_left"] == 0  # stopped trials' Train workers released their CPUs
     for trial in (t for t in trials.values() if t["status"] == "evaluated"):
