@@ -41,6 +41,8 @@ def main(argv=None) -> dict:
 
     print(f"\n[leaf] run {cfg.name} finished; stages (s): {run.stage_seconds}")
     print(f"[leaf] student:  {student}")
+    if "asymmetric" in paths:
+        print(f"[leaf] asym:     {paths['asymmetric']}")
     print(f"[leaf] report:   {paths['markdown']}\n[leaf] results:  {paths['json']}")
     for line in summary["headline"]:
         print(f"[leaf] {line}")

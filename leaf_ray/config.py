@@ -288,6 +288,17 @@ class EvalConfig(_Section):
     sts_kind: Kind = "document"
 
 
+class ExportConfig(_Section):
+    """What a finished run publishes besides its report: the leaf (runs/<name>/student) with its model card, and
+    optionally the asymmetric pair as one model."""
+
+    license: str | None = None  # the model cards' Hub licence id (apache-2.0, mit, ...); None leaves it out
+    # runs/<name>/asym: one sentence-transformers model that encodes queries with the leaf and documents with the
+    # teacher (leaf_ray.asym). Off by default: it holds a whole copy of the teacher's weights, most of its size,
+    # in every run folder, while asymmetric serving only needs the leaf next to the teacher one already runs.
+    asymmetric: bool = False
+
+
 class AshaConfig(_Section):
     """Early stopping of sweep trials (Ray Tune's ASHA) on the training validation cosine, reported every
     `train.validate_every_steps`: a trial below the rung's top 1/reduction_factor stops there."""
@@ -416,6 +427,7 @@ class RunConfig(_Section):
     student: StudentConfig = StudentConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
     sweep: SweepConfig = SweepConfig()

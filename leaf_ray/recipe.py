@@ -127,17 +127,34 @@ class LeafRun:
     def export(self, student: Path, folder, evaluation: EvaluationResult, title: str,
                summary: dict) -> dict[str, Path | str]:
         """Record `summary` as the results in the manifest of `student` (a directory in the run folder's local
-        copy; published when the folder is remote) and write the report of its evaluation into `folder`: what a
-        finished run holds, and each student a sweep exports from its Pareto front."""
+        copy; published when the folder is remote), write its model card from them and the evaluation's records,
+        and write the report of its evaluation into `folder`: what a finished run holds, and each student a sweep
+        exports from its Pareto front."""
+        from leaf_ray.model_card import write_leaf_card
         from leaf_ray.student import MANIFEST_NAME, update_manifest
 
         update_manifest(student, results=summary)
-        self.folder.publish((student / MANIFEST_NAME).relative_to(self.folder.path).as_posix())
+        card = write_leaf_card(student, evaluation.records, self.cfg.data, self.cfg.export.license)
+        for path in (student / MANIFEST_NAME, card):
+            self.folder.publish(path.relative_to(self.folder.path).as_posix())
         return self.report(folder, evaluation, title, summary)
 
+    def asymmetric(self, student: Path, evaluation: EvaluationResult) -> Path | str:
+        """The leaf `student` and the run's teacher as one model in the run folder (leaf_ray.asym), with its model
+        card; returns where it is published."""
+        from leaf_ray.asym import ASYM_DIR, export_asymmetric
+
+        export_asymmetric(student, self.cfg.teacher, self.folder.path / ASYM_DIR, self.models, evaluation.records,
+                          self.cfg.data, self.cfg.export.license)
+        self.folder.publish(ASYM_DIR)
+        return (self.folder.location / ASYM_DIR).native()
+
     def finish(self, evaluation: EvaluationResult, title: str, summary: dict) -> dict[str, Path | str]:
-        """Export the run's student with its report into the run folder and mark the run finished, so a rerun
-        of its name is refused."""
-        paths = self.export(self.folder.path / "student", self.folder.location, evaluation, title, summary)
+        """Export the run's student with its report (and, with export.asymmetric, the asymmetric pair) into the
+        run folder and mark the run finished, so a rerun of its name is refused."""
+        student = self.folder.path / "student"
+        paths = self.export(student, self.folder.location, evaluation, title, summary)
+        if self.cfg.export.asymmetric:
+            paths["asymmetric"] = self.asymmetric(student, evaluation)
         self.folder.mark_finished(summary)
         return paths

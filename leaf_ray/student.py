@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -331,34 +332,46 @@ def read_manifest(path: str | Path) -> dict:
     return json.loads((Path(path) / MANIFEST_NAME).read_text())
 
 
-def _check_portable(path: Path) -> None:
-    """An export must load without leaf_ray and must not hold pickle weights."""
-    foreign = [m["type"] for m in json.loads((path / "modules.json").read_text())
-               if not m["type"].startswith("sentence_transformers.")]
+def check_portable(path: Path) -> None:
+    """An export must load without leaf_ray and must not hold pickle weights: every module, including those
+    inside a Router's routes, is a sentence-transformers built-in."""
+    types = [m["type"] for m in json.loads((path / "modules.json").read_text())]
+    for router in path.rglob("router_config.json"):
+        types += json.loads(router.read_text())["types"].values()
+    foreign = [t for t in types if not t.startswith("sentence_transformers.")]
     pickles = [str(p.relative_to(path)) for p in path.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     if foreign or pickles:
         raise StudentError(f"export at {path} is not portable: non-built-in modules {foreign}, pickle files {pickles}")
 
 
-def export_student(model: SentenceTransformer, out_dir: str | Path, manifest: dict) -> Path:
-    """Write `model` as a sentence-transformers directory (safetensors only) plus `leaf_manifest.json`
-    (the given manifest with prompts and parameter counts added), replacing `out_dir` atomically."""
-    out_dir = Path(out_dir)
+@contextmanager
+def replaced_atomically(out_dir: Path):
+    """A scratch directory beside `out_dir` that replaces it when the block succeeds and is removed when it
+    fails: a reader never finds a half-written model."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        yield work
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def export_student(model: SentenceTransformer, out_dir: str | Path, manifest: dict) -> Path:
+    """Write `model` as a sentence-transformers directory (safetensors only) plus `leaf_manifest.json`
+    (the given manifest with prompts and parameter counts added), replacing `out_dir` atomically. The model
+    card (README.md) comes with the run's results (leaf_ray.model_card)."""
+    out_dir = Path(out_dir)
+    with replaced_atomically(out_dir) as work:
         model.save(str(work), safe_serialization=True, create_model_card=False)
-        _check_portable(work)
+        check_portable(work)
         teacher_params = (manifest.get("teacher") or {}).get("params")
         full = {"format": MANIFEST_FORMAT, "results": {}, **manifest, "prompts": dict(model.prompts or {}),
                 "param_counts": count_parameters(model, teacher_params).as_dict()}
         (work / MANIFEST_NAME).write_text(json.dumps(full, indent=2, sort_keys=True))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(work, out_dir)
-        return out_dir
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return out_dir
 
 
 def update_manifest(path: str | Path, **fields) -> dict:

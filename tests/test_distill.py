@@ -66,6 +66,7 @@ def finished_run(ray_local, tiny_teacher, tmp_path_factory):
 
 
 def test_distill_produces_a_loadable_student_results_and_plots(finished_run):
+    from huggingface_hub import ModelCard
     from sentence_transformers import SentenceTransformer
 
     tmp, _, printed = finished_run
@@ -86,6 +87,8 @@ def test_distill_produces_a_loadable_student_results_and_plots(finished_run):
     assert list(run.glob("plots/*.png")) and (run / "results.md").is_file()
     manifest = json.loads((run / "student" / "leaf_manifest.json").read_text())
     assert manifest["results"]["headline"]
+    card = ModelCard.load(run / "student" / "README.md")  # the model card, generated from the run's results
+    assert card.data.library_name == "sentence-transformers" and card.data.eval_results
     assert "[leaf] report:" in printed and "scifact/test ndcg_at_10" in printed
     # the config's float16 cache: half-precision parts, read back for training and validation; the student ends
     # aligned with those vectors (its teacher-layer init starts there, so alignment, not a falling loss, is the check)
