@@ -20,6 +20,7 @@ from leaf_ray.evaluate import (
     EvaluationError,
     Quantizer,
     TeacherCacheSource,
+    build_sources,
     bytes_per_vector,
     derive,
     encode_once,
@@ -365,6 +366,19 @@ def test_teacher_comes_from_the_manifest_unless_given(tmp_path):
     (student / "leaf_manifest.json").write_text("{}")
     with pytest.raises(EvaluationError, match="needs a 'teacher'"):
         resolve_teacher(student, None, base)
+
+
+def test_a_student_shares_the_teacher_source_only_as_the_same_local_model(tmp_path):
+    from leaf_ray.models import ModelStore
+
+    leaf = build_tiny_bert(tmp_path / "leaf", hidden=32, layers=1)
+    models = ModelStore(tmp_path / "models")
+    shared = build_sources(str(leaf), TeacherConfig(model=str(leaf)), tmp_path / "cache", models)
+    assert shared["student"] is shared["teacher"]  # the teacher standing in as its own student: encoded once
+    # an endpoint teacher's model need not exist here, and its vectors never stand in for the student's
+    remote = TeacherConfig(model="org/remote-embedder", backend="endpoint", endpoint={"base_url": "http://127.0.0.1:9"})
+    sources = build_sources(str(leaf), remote, tmp_path / "cache", models)
+    assert isinstance(sources["teacher"], TeacherCacheSource) and sources["student"] is not sources["teacher"]
 
 
 @pytest.mark.e2e

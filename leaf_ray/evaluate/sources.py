@@ -135,11 +135,12 @@ def build_sources(student: str, teacher: TeacherConfig, cache_root, models: Mode
                   batch_size: int = 64) -> dict[str, VectorSource]:
     """Teacher (through the teacher cache under `cache_root`: a local path, URI or leaf_ray.storage.StoragePath)
     and student (encoded directly), both loaded from `models`. A student that is the teacher's own model with
-    the same prompts shares the teacher's source, so its texts are not encoded twice."""
+    the same prompts shares the teacher's source, so its texts are not encoded twice; only for the transformers
+    backend, since a vLLM or endpoint teacher's vectors come from another engine (and its model may not be local)."""
     model = models.load(student)
     prompts = student_prompts(model, teacher)
     teacher_source = TeacherCacheSource(teacher, cache_root, models)
-    same_model = models.resolve(student) == models.resolve(teacher.model)
+    same_model = teacher.backend == "transformers" and models.resolve(student) == models.resolve(teacher.model)
     if same_model and prompts == {k: teacher.prompt_for(k) for k in prompts}:
         log.info("student %s is the teacher's model with the teacher's prompts: sharing its vectors", student)
         return {"teacher": teacher_source, "student": teacher_source}
