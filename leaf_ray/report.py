@@ -69,40 +69,81 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _meta_line(key: str, value) -> list[str]:
+def _readable(value) -> str:
+    """A meta value as a person reads it: floats to 4 significant digits, mappings as `key value` pairs."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
     if isinstance(value, dict):
-        return [f"- {key}: " + ", ".join(f"{k}={v}" for k, v in value.items())]
+        return ", ".join(f"{k} ({_readable(v)})" if isinstance(v, dict) else f"{k} {_readable(v)}"
+                         for k, v in value.items())
     if isinstance(value, list):
-        return [line for item in value for line in _meta_line(key, item)]
-    return [f"- {key}: {value}"]
+        return "; ".join(_readable(v) for v in value)
+    return str(value)
 
 
-def render_markdown(records: list[dict], title: str, meta: dict | None = None, notes: Sequence[str] = (),
-                    plots: Sequence[Path] = ()) -> str:
-    lines = [f"# {title}", ""]
-    for key, value in (meta or {}).items():
-        lines += _meta_line(key, value)
-    if notes:
-        lines += ["", "Notes:", *[f"- {n}" for n in notes]]
-    lines += ["", markdown_table(records)]
-    lines += [f"![{p.stem}]({p.as_posix()})" for p in plots]
-    return "\n".join(lines) + "\n"
+def full_dims_scores(records: list[dict]) -> list[tuple[str, str, str, int, dict[str, float]]]:
+    """Per (dataset, split, task): its first-reported metric at full dims in float32, by mode."""
+    rows = []
+    for dataset, split, task in dict.fromkeys((r["dataset"], r["split"], r["task"]) for r in records):
+        group = [r for r in records if (r["dataset"], r["split"], r["task"]) == (dataset, split, task)]
+        metric, dims = group[0]["metric"], max(r["dims"] for r in group)
+        by_mode = {r["mode"]: r["value"] for r in group
+                   if (r["metric"], r["dims"], r["quantization"]) == (metric, dims, "float32")}
+        rows.append((f"{dataset}/{split}", metric, dims, {m: by_mode[m] for m in _order(list(by_mode), MODE_ORDER)}))
+    return rows
+
+
+def _retained(value: float, teacher: float | None, mode: str) -> str:
+    return f"{value:.4f}" + (f" ({value / teacher:.1%})" if teacher and mode != "teacher" else "")
 
 
 def headline(records: list[dict]) -> list[str]:
     """One line per (dataset, split, task): its first-reported metric at full dims and float32 for every mode,
     each mode also as a share of the teacher's (the paper's "96.1% of the teacher")."""
+    return [f"{name} {metric} @{dims}d float32: "
+            + " | ".join(f"{mode} {_retained(v, scores.get('teacher'), mode)}" for mode, v in scores.items())
+            for name, metric, dims, scores in full_dims_scores(records)]
+
+
+def summary(records: list[dict], meta: dict) -> list[str]:
+    """What a person reads first: the leaf's size and speed against the teacher's, and the quality each mode
+    keeps (a table of the headline)."""
     lines = []
-    for dataset, split, task in dict.fromkeys((r["dataset"], r["split"], r["task"]) for r in records):
-        group = [r for r in records if (r["dataset"], r["split"], r["task"]) == (dataset, split, task)]
-        metric, dims = group[0]["metric"], max(r["dims"] for r in group)
-        best = {r["mode"]: r["value"] for r in group
-                if (r["metric"], r["dims"], r["quantization"]) == (metric, dims, "float32")}
-        teacher = best.get("teacher")
-        parts = [f"{mode} {best[mode]:.4f}" + (f" ({best[mode] / teacher:.1%})" if teacher and mode != "teacher" else "")
-                 for mode in _order(list(best), MODE_ORDER)]
-        lines.append(f"{dataset}/{split} {metric} @{dims}d float32: " + " | ".join(parts))
+    params, speed = meta.get("params") or {}, meta.get("throughput") or {}
+    if params.get("total") and params.get("teacher"):
+        lines.append(f"- **size**: {params['total']:,} parameters, {params['teacher'] / params['total']:.2f}x fewer "
+                     f"than the teacher's {params['teacher']:,}")
+    teacher, student = speed.get("teacher") or {}, speed.get("student") or {}
+    rates = [(unit, student[key] / teacher[key]) for unit, key in (("documents", "docs_per_s"),
+                                                                   ("queries", "queries_per_s"))
+             if teacher.get(key) and student.get(key)]
+    if rates:
+        lines.append("- **speed**: " + ", ".join(f"{ratio:.2f}x the teacher's {unit}/s" for unit, ratio in rates)
+                     + " (measured side by side)")
+    scores = full_dims_scores(records)
+    if scores:
+        modes = list(dict.fromkeys(m for *_, by_mode in scores for m in by_mode))
+        lines += ["", "| data | metric | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
+        lines += [f"| {name} | {metric} @{dims}d | " + " | ".join(
+            _retained(by_mode[m], by_mode.get("teacher"), m) if m in by_mode else "" for m in modes) + " |"
+            for name, metric, dims, by_mode in scores]
     return lines
+
+
+def render_markdown(records: list[dict], title: str, meta: dict | None = None, notes: Sequence[str] = (),
+                    plots: Sequence[Path] = ()) -> str:
+    """The summary first, then the run's details (every meta field, readable), notes, the full table, plots."""
+    meta = meta or {}
+    lines = [f"# {title}", ""]
+    opening = summary(records, meta)
+    if opening:
+        lines += ["## Summary", "", *opening, "", "## Details", ""]
+    lines += [f"- {key}: {_readable(value)}" for key, value in meta.items() if key != "headline"]
+    if notes:
+        lines += ["", "Notes:", *[f"- {n}" for n in notes]]
+    lines += ["", markdown_table(records)]
+    lines += [f"![{p.stem}]({p.as_posix()})" for p in plots]
+    return "\n".join(lines) + "\n"
 
 
 def save_png(fig, path: StoragePath) -> StoragePath:

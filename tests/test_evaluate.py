@@ -334,15 +334,23 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     data = load_beir(topic_beir(tmp_path / "toy"))
     records = evaluate_retrieval(data, {"teacher": bag_of_words, "student": rotated(bag_of_words, 64)},
                                  dims=[32], quantizations=["float32", "binary"], progress=False)
-    paths = write_report(tmp_path / "out", records, "toy report", {"student": "s", "data": [data.summary()]},
-                         ["a note"])
+    meta = {"student": "s", "data": [data.summary()], "params": {"total": 250, "teacher": 1000},
+            "throughput": {"teacher": {"docs_per_s": 10.0, "queries_per_s": 20.0},
+                           "student": {"docs_per_s": 40.0, "queries_per_s": 30.0}}}
+    paths = write_report(tmp_path / "out", records, "toy report", meta, ["a note"])
     saved = json.loads(paths["json"].read_text())
     assert saved["records"] == records and saved["notes"] == ["a note"]
     assert all({"dataset", "split", "mode", "dims", "quantization", "bytes_per_vector", "metric", "value"} <= r.keys()
                for r in saved["records"])
     md = paths["markdown"].read_text()
     assert "| dataset | split | mode | dims | quantization | bytes_per_vector | ndcg_at_10 |" in md
-    assert "- a note" in md and "documents=40" in md and "![toy_test_ndcg_at_10](plots/toy_test_ndcg_at_10.png)" in md
+    assert "- a note" in md and "documents 40" in md and "![toy_test_ndcg_at_10](plots/toy_test_ndcg_at_10.png)" in md
+    # the summary a person reads first: size and speed against the teacher, and what each mode keeps of its score
+    summary = md.split("## Details")[0]
+    assert "4.00x fewer than the teacher's 1,000" in summary and "4.00x the teacher's documents/s" in summary
+    teacher, student = (next(r["value"] for r in records if (r["mode"], r["dims"], r["quantization"], r["metric"]) ==
+                             (mode, 64, "float32", "ndcg_at_10")) for mode in ("teacher", "student"))
+    assert f"| toy/test | ndcg_at_10 @64d | {teacher:.4f} | {student:.4f} ({student / teacher:.1%}) |" in summary
     lines = [line for line in markdown_table(records).splitlines() if line.startswith("| toy")]
     assert len(lines) == 3 * 2 * 2 and lines[0].startswith("| toy | test | teacher | 64 | float32 | 256 |")
     png = paths["toy_test_ndcg_at_10"]
