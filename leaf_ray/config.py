@@ -353,6 +353,9 @@ class RayConfig(_Section):
     # Custom resources a local instance advertises, e.g. {"train_pool": 1} for a train.resources_per_worker
     # or {"accelerator_type:A100": 1} for an accelerator_type constraint, to try a cluster config on one machine.
     resources: dict[str, float] = {}
+    # Ray Data's progress display. None: on a terminal only; a job's log (ray job submit, a file) gets leaf-ray's
+    # own progress lines instead of a multi-line block every 10 s.
+    progress_bars: bool | None = None
 
 
 class StorageConfig(_Section):

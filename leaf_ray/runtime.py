@@ -19,9 +19,15 @@ DATA_TASK_CPUS = 0.25
 
 
 def init_ray(cfg: RayConfig) -> str:
-    """Start or join Ray once per process; returns the address joined ("local" for a new instance)."""
+    """Start or join Ray once per process (showing Ray Data's progress as `ray.progress_bars` says); returns the
+    address joined ("local" for a new instance)."""
     import ray
+    from ray.data import DataContext
 
+    from leaf_ray.progress import interactive
+
+    shown = interactive() if cfg.progress_bars is None else cfg.progress_bars
+    DataContext.get_current().enable_progress_bars = shown
     if ray.is_initialized():
         return "already-initialized"
     address = cfg.address or os.environ.get("RAY_ADDRESS")

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm.auto import tqdm
 
 from leaf_ray.config import TeacherConfig
 from leaf_ray.models import ModelStore
+from leaf_ray.progress import Progress
 from leaf_ray.storage import DEFAULT_LOCAL_CACHE, StoragePath, resolve
 from leaf_ray.teacher.backends import make_backend
 from leaf_ray.teacher.cache import TeacherCache, teacher_fingerprint
@@ -231,7 +231,7 @@ def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_ro
         compute=ray.data.ActorPoolStrategy(min_size=teacher.min_actors, max_size=teacher.max_actors),
         num_cpus=teacher.num_cpus_per_actor, num_gpus=teacher.num_gpus_per_actor, **_placement(teacher))
     truncated, done, first = 0, set(), None
-    with tqdm(total=todo_rows, desc=f"teacher {teacher.model}", unit="text") as bar:
+    with Progress(todo_rows, f"teacher {teacher.model}") as bar:
         for record in records.iter_rows():
             cache.set_dim(record["dim"])  # refuses a teacher whose width changed, before anything is counted
             if record["rows"] != cache.chunk_rows_of(record["chunk"]) or record["chunk"] in done:
