@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -348,7 +349,10 @@ def _log(history: StoragePath | None, record: dict) -> None:
     history.append_text(json.dumps(record) + "\n")
     shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                      if k not in ("time", "weights_digest"))
-    print(f"[leaf train] {shown}", flush=True)
+    # Written, not printed: Ray Train patches print in its workers to log the line as well, and under a job's
+    # logging setup the line then reached the log twice.
+    sys.stdout.write(f"[leaf train] {shown}\n")
+    sys.stdout.flush()
 
 
 # -- the driver -----------------------------------------------------------------------------------------

@@ -12,11 +12,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Ray Train's controller takes a worker's report off its one-slot queue when it polls the workers, so a worker
-# reporting twice within a poll waits. leaf_ray.runtime has local instances poll every 0.5 s (Ray: 2 s); the tests'
-# tiny runs report every few steps, and the heads tests start with `ray start` would keep Ray's 2 s. Set before
-# the session's Ray and every job or head a test starts, so each Train controller inherits it.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Object-store credentials for the S3 server tests start on 127.0.0.1 (moto accepts any key), set before the
 # session's Ray starts so its workers inherit them; the tests check the secret is never written anywhere.
 S3_SECRET = "leaf-test-secret-do-not-log"
