@@ -137,6 +137,7 @@ np.save(out + "/d.npy", model.encode_document(texts))
 """
 
 
+@pytest.mark.e2e  # a subprocess without leaf_ray, like tests/test_student.py's round trip
 def test_asymmetric_pair_loads_without_leaf_ray_and_gives_the_evaluated_vectors(tiny_teacher, leaf, tmp_path):
     run, records, paths = finished_run(tiny_teacher, leaf, tmp_path, asymmetric=True)
     package = paths["asymmetric"]
