@@ -15,13 +15,14 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from leaf_ray.config import DataConfig
-from leaf_ray.report import MODE_ORDER, rows_table
+from leaf_ray.report import MODE_ORDER, full_dims_scores, rows_table
 from leaf_ray.student import read_manifest
 
 CARD_NAME = "README.md"
 # task -> (the metric a card reports, its Hub task type and name, the metric's display name)
 CARD_METRICS = {"retrieval": ("ndcg_at_10", "information-retrieval", "Information Retrieval", "nDCG@10"),
                 "sts": ("cosine_spearman", "semantic-similarity", "Semantic Similarity", "cosine Spearman")}
+CARD_METRIC_OF = {task: spec[0] for task, spec in CARD_METRICS.items()}
 ASYMMETRIC = "leaf queries, teacher documents"
 TAGS = ["sentence-transformers", "feature-extraction", "leaf", "distillation"]
 EXAMPLE_TEXTS = ['queries = ["what does vitamin C do?"]',
@@ -50,35 +51,19 @@ def base_model(manifest: dict) -> str | None:
     return {"teacher_layers": manifest["teacher"]["model"], "pretrained": student.get("model")}.get(student["kind"])
 
 
-def card_scores(records: Sequence[dict]) -> dict[tuple[str, str, str], dict[str, dict]]:
-    """(dataset, split, task) -> mode -> the record a card reports: the task's CARD_METRICS metric, float32, at
-    the full dimension (the one a plain `encode` gives)."""
-    full: dict[tuple, int] = {}
-    for r in records:
-        key = (r["dataset"], r["split"], r["task"])
-        full[key] = max(full.get(key, 0), r["dims"])
-    scores: dict[tuple, dict[str, dict]] = {}
-    for r in records:
-        key = (r["dataset"], r["split"], r["task"])
-        if (r["task"] in CARD_METRICS and r["metric"] == CARD_METRICS[r["task"]][0]
-                and (r["quantization"], r["dims"]) == ("float32", full[key])):
-            scores.setdefault(key, {})[r["mode"]] = r
-    return scores
-
-
 def eval_results(records: Sequence[dict], modes: Mapping[str, str], data: DataConfig | None = None) -> list[EvalResult]:
     """The model-index entries of `modes` (mode -> metric-type prefix: "" for the model's own mode). Datasets the
     data section mirrors from the Hub (`data.hub`) are named by their Hub id and revision."""
     results = []
-    for (dataset, split, task), by_mode in card_scores(records).items():
-        metric, task_type, task_name, label = CARD_METRICS[task]
+    for dataset, split, task, metric, _, by_mode in full_dims_scores(records, CARD_METRIC_OF):
+        _, task_type, task_name, label = CARD_METRICS[task]
         hub, _, revision = ((data.hub if data else {}).get(dataset) or "").partition("@")
         for mode in (m for m in MODE_ORDER if m in modes and m in by_mode):
             results.append(EvalResult(
                 task_type=task_type, task_name=task_name, dataset_type=hub or dataset, dataset_name=dataset,
                 dataset_split=split, dataset_revision=revision or None, metric_type=modes[mode] + metric,
                 metric_name=label + (f" (asymmetric: {ASYMMETRIC})" if mode == "asymmetric" else ""),
-                metric_value=by_mode[mode]["value"]))
+                metric_value=by_mode[mode]))
     return results
 
 
@@ -140,14 +125,13 @@ def _training(manifest: dict, data: DataConfig | None) -> list[str]:
 
 
 def _evaluation(records: Sequence[dict]) -> list[str]:
-    scores = card_scores(records)
+    scores = full_dims_scores(records, CARD_METRIC_OF)
     if not scores:
         return []
-    modes = [m for m in MODE_ORDER if any(m in by_mode for by_mode in scores.values())]
+    modes = [m for m in MODE_ORDER if any(m in by_mode for *_, by_mode in scores)]
     header = ["dataset", "split", "metric", "dims", *modes]
-    rows = [[dataset, split, CARD_METRICS[task][3], next(iter(by_mode.values()))["dims"],
-             *[by_mode[m]["value"] if m in by_mode else None for m in modes]]
-            for (dataset, split, task), by_mode in scores.items()]
+    rows = [[dataset, split, CARD_METRICS[task][3], dims, *[by_mode.get(m) for m in modes]]
+            for dataset, split, task, _, dims, by_mode in scores]
     dims = sorted({r["dims"] for r in records}, reverse=True)
     return ["## Evaluation", "",
             f"The run's own evaluation, float32 vectors at full size: the teacher alone, the leaf alone (student) and "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from leaf_ray.storage import StoragePath, resolve
@@ -81,15 +81,22 @@ def _readable(value) -> str:
     return str(value)
 
 
-def full_dims_scores(records: list[dict]) -> list[tuple[str, str, str, int, dict[str, float]]]:
-    """Per (dataset, split, task): its first-reported metric at full dims in float32, by mode."""
+def full_dims_scores(records: list[dict], metrics: Mapping[str, str] | None = None
+                     ) -> list[tuple[str, str, str, str, int, dict[str, float]]]:
+    """(dataset, split, task, metric, dims, mode -> value) per (dataset, split, task): one metric at the full
+    dims in float32, the task's `metrics[task]` (tasks it does not name are left out) or else its first-reported
+    one, by mode in MODE_ORDER."""
     rows = []
     for dataset, split, task in dict.fromkeys((r["dataset"], r["split"], r["task"]) for r in records):
+        if metrics is not None and task not in metrics:
+            continue
         group = [r for r in records if (r["dataset"], r["split"], r["task"]) == (dataset, split, task)]
-        metric, dims = group[0]["metric"], max(r["dims"] for r in group)
+        metric, dims = metrics[task] if metrics else group[0]["metric"], max(r["dims"] for r in group)
         by_mode = {r["mode"]: r["value"] for r in group
                    if (r["metric"], r["dims"], r["quantization"]) == (metric, dims, "float32")}
-        rows.append((f"{dataset}/{split}", metric, dims, {m: by_mode[m] for m in _order(list(by_mode), MODE_ORDER)}))
+        if by_mode:
+            rows.append((dataset, split, task, metric, dims,
+                         {m: by_mode[m] for m in _order(list(by_mode), MODE_ORDER)}))
     return rows
 
 
@@ -100,9 +107,9 @@ def _retained(value: float, teacher: float | None, mode: str) -> str:
 def headline(records: list[dict]) -> list[str]:
     """One line per (dataset, split, task): its first-reported metric at full dims and float32 for every mode,
     each mode also as a share of the teacher's (the paper's "96.1% of the teacher")."""
-    return [f"{name} {metric} @{dims}d float32: "
+    return [f"{dataset}/{split} {metric} @{dims}d float32: "
             + " | ".join(f"{mode} {_retained(v, scores.get('teacher'), mode)}" for mode, v in scores.items())
-            for name, metric, dims, scores in full_dims_scores(records)]
+            for dataset, split, _, metric, dims, scores in full_dims_scores(records)]
 
 
 def summary(records: list[dict], meta: dict) -> list[str]:
@@ -124,9 +131,9 @@ def summary(records: list[dict], meta: dict) -> list[str]:
     if scores:
         modes = list(dict.fromkeys(m for *_, by_mode in scores for m in by_mode))
         lines += ["", "| data | metric | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
-        lines += [f"| {name} | {metric} @{dims}d | " + " | ".join(
+        lines += [f"| {dataset}/{split} | {metric} @{dims}d | " + " | ".join(
             _retained(by_mode[m], by_mode.get("teacher"), m) if m in by_mode else "" for m in modes) + " |"
-            for name, metric, dims, by_mode in scores]
+            for dataset, split, _, metric, dims, by_mode in scores]
     return lines
 
 
