@@ -25,6 +25,7 @@ from leaf_ray.sweep import (
     teacher_validation,
     write_sweep_report,
 )
+from leaf_ray.tracking import metric_values
 
 
 def main(argv=None) -> dict:
@@ -53,6 +54,9 @@ def main(argv=None) -> dict:
             "evaluated": sum(t["status"] == "evaluated" for t in trials), "pareto_students": len(tested),
             "placement_groups_left": leftover, "stage_seconds": run.stage_seconds}
     paths = write_sweep_report(cfg, trials, reference, speed, points, front, tested, meta)
+    if run.tracked is not None:
+        run.tracked.end_children()
+        run.tracked.finish(metric_values(meta), {"meta": meta, "trials": trials})
     run.folder.mark_finished(meta)
     print(f"\n[leaf] sweep {cfg.name} finished; stages (s): {run.stage_seconds}")
     print(f"[leaf] report:  {paths['markdown']}\n[leaf] Pareto:  {paths['plot']}")

@@ -10,6 +10,7 @@ from leaf_ray.config import parse_args
 from leaf_ray.errors import run_job
 from leaf_ray.recipe import LeafRun
 from leaf_ray.runtime import init_ray
+from leaf_ray.tracking import metric_values
 
 
 def main(argv=None):
@@ -20,6 +21,8 @@ def main(argv=None):
     texts, report = run.text_mix()
     print(f"text mix: {report.as_dict()}")
     result = run.train(run.inputs(texts))
+    if run.tracked is not None:
+        run.tracked.finish(metric_values(result.metrics), student=result.student_path)
     print(f"student: {run.folder.location / 'student'}\n  steps {result.steps}, {result.samples_per_s:.1f} samples/s, "
           f"val cosine {result.metrics.get('val_cosine', float('nan')):.4f}\n  progress log: {result.history_path}")
     return result

@@ -299,6 +299,31 @@ class ExportConfig(_Section):
     asymmetric: bool = False
 
 
+class TrackingConfig(_Section):
+    """Experiment tracking in MLflow (`pip install 'leaf-ray[tracking]'`; leaf_ray.tracking): the run's config as
+    parameters, every metrics.jsonl record as metrics, the results and the exported student; a sweep logs each
+    trial as a run of its own. Credentials (MLFLOW_TRACKING_TOKEN, ...) come from the environment only."""
+
+    mlflow: bool = False  # log this run (and each sweep trial) to MLflow
+    # Any MLflow tracking URI (http://host:5000, databricks, sqlite:///path/mlflow.db). None: an SQLite store at
+    # <runs_root>/mlflow.db, which only processes on this machine reach: give a server's URI on a cluster.
+    uri: str | None = None
+    experiment: str = "leaf-ray"  # created when missing
+    log_student: bool = True  # upload the exported student as the run's artifact `student/`
+
+    def resolved_uri(self, storage: StorageConfig) -> str:
+        """`uri`, or the SQLite store under a local runs_root (refused for an object-store runs_root)."""
+        if self.uri is not None:
+            return self.uri
+        from leaf_ray.storage import local_root
+
+        root = local_root(storage.runs_root, "storage.runs_root")
+        if root is None:
+            raise ConfigError("tracking.uri: storage.runs_root is an object store, which MLflow's default SQLite "
+                              "store cannot live in; give a tracking server's URI")
+        return f"sqlite:///{(root.expanduser().resolve() / 'mlflow.db').as_posix()}"
+
+
 class AshaConfig(_Section):
     """Early stopping of sweep trials (Ray Tune's ASHA) on the training validation cosine, reported every
     `train.validate_every_steps`: a trial below the rung's top 1/reduction_factor stops there."""
@@ -431,6 +456,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
+    tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
     sweep: SweepConfig = SweepConfig()

@@ -24,8 +24,10 @@ from leaf_ray.report import write_report
 from leaf_ray.runs import RunFolder
 from leaf_ray.runtime import init_ray
 from leaf_ray.teacher import TeacherCache, build_cache
+from leaf_ray.tracking import score_metrics
 
 if TYPE_CHECKING:  # torch and sentence-transformers: imported by the stages that need them (not embed_teacher.py)
+    from leaf_ray.tracking import TrackedRun
     from leaf_ray.train import TrainResult
 
 PLOT_METRICS = ("ndcg_at_10", "cosine_spearman")  # a report's plots: retrieval and STS quality against dims
@@ -34,9 +36,11 @@ PLOT_METRICS = ("ndcg_at_10", "cosine_spearman")  # a report's plots: retrieval 
 class LeafRun:
     """The config, its run folder and its model store, and the stages over them."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, tracking_parent: str | None = None):
+        """`tracking_parent`: the run folder whose MLflow run this run's is nested under (a sweep's trials)."""
         self.cfg = cfg
         self.models = cfg.model_store()
+        self.tracking_parent = tracking_parent
 
     @cached_property
     def folder(self) -> RunFolder:
@@ -50,10 +54,21 @@ class LeafRun:
         join Ray."""
         self.folder.refuse_if_finished()
         self.folder.check_writable()
+        if self.tracked is not None:  # opened now: a missing MLflow or a refusing store fails before any work
+            print(f"[leaf] MLflow: run {self.tracked.run_id} in experiment {self.cfg.tracking.experiment!r}")
         if before_ray is not None:
             before_ray(self.cfg)
         init_ray(self.cfg.ray)
         return self
+
+    @cached_property
+    def tracked(self) -> TrackedRun | None:
+        """The run folder's MLflow run (leaf_ray.tracking) when `tracking.mlflow` is on."""
+        from leaf_ray.tracking import TrackedRun
+
+        if not self.cfg.tracking.mlflow:
+            return None
+        return TrackedRun(self.cfg, str(self.folder.location), self.tracking_parent)
 
     def stage(self, name: str):
         """A context that times a stage of the job and says when it starts and ends."""
@@ -81,7 +96,8 @@ class LeafRun:
         """Train (or resume) the run's student on `inputs` and export it into the run folder."""
         from leaf_ray.train import train_student
 
-        return train_student(self.cfg, inputs, callbacks=callbacks)
+        return train_student(self.cfg, inputs, callbacks=callbacks,
+                             tracking=self.tracked.target if self.tracked else None)
 
     def sources(self, student: Path | str, teacher: TeacherConfig | None = None) -> dict[str, VectorSource]:
         """Vector sources of `student` (a directory or model id) and of `teacher` (default: the run's), the
@@ -156,5 +172,8 @@ class LeafRun:
         paths = self.export(student, self.folder.location, evaluation, title, summary)
         if self.cfg.export.asymmetric:
             paths["asymmetric"] = self.asymmetric(student, evaluation)
+        if self.tracked:
+            self.tracked.finish(score_metrics(evaluation.records), {"meta": summary, "records": evaluation.records},
+                                student)
         self.folder.mark_finished(summary)
         return paths

@@ -49,6 +49,7 @@ from leaf_ray.storage import StoragePath, local_copy
 from leaf_ray.student import (MANIFEST_NAME, TeacherRows, build_student, export_student, forward_texts,
                               freeze_unused_parameters, load_flags, load_student, student_manifest,
                               teacher_parameter_count)
+from leaf_ray.tracking import RunMetrics
 
 class TrainError(LeafRayError, ValueError):
     """A training setup that cannot work; the message names the config field."""
@@ -227,6 +228,7 @@ class _Worker:
         torch.manual_seed(self.cfg.seed + self.rank)
         self.device = ray.train.torch.get_device()
         self.history = config["history"] if self.rank == 0 else None
+        self.tracked = RunMetrics(config["tracking"]) if self.history is not None and config["tracking"] else None
         self.val = ray.get(config["val"])
 
         checkpoint = ray.train.get_checkpoint()
@@ -252,6 +254,12 @@ class _Worker:
         self.first_step, self.last_checkpoint = self.state.step, self.state.step if checkpoint else -1
         self.window, self.seen = [], []
 
+    def log(self, record: dict) -> None:
+        """Rank 0 appends `record` to metrics.jsonl and, with tracking on, logs it to the run's MLflow run."""
+        record = _log(self.history, record)
+        if self.tracked is not None:
+            self.tracked.log(record)
+
     def validate(self) -> dict:
         return evaluate(self.model, self.val, self.cfg.loss, rank=self.rank, world=self.world)
 
@@ -264,7 +272,7 @@ class _Worker:
 
         with self.clock.paused():
             metrics = {**metrics, "step": self.state.step, "epoch": self.state.epoch, "samples": self.state.samples}
-            _log(self.history, metrics)
+            self.log(metrics)
             if checkpoint:
                 self.last_checkpoint = self.state.step
             if checkpoint and self.rank == 0:
@@ -315,7 +323,7 @@ class _Worker:
     def run(self) -> dict:
         import ray.train
 
-        _log(self.history, {**self.start, **self.validate()})
+        self.log({**self.start, **self.validate()})
         self.clock = _Clock()
         shard = ray.train.get_dataset_shard("train")
         while self.state.step < self.total and self.state.epoch < self.cfg.epochs and self.run_epoch(shard):
@@ -340,11 +348,11 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def _log(history: StoragePath | None, record: dict) -> None:
-    """Rank 0 appends the record to metrics.jsonl (on an object store: rewrites the small object) and
-    prints a progress line."""
+def _log(history: StoragePath | None, record: dict) -> dict:
+    """Rank 0 appends the record, stamped with the time, to metrics.jsonl (on an object store: rewrites the small
+    object) and prints a progress line; returns the stamped record."""
     if history is None:
-        return
+        return record
     record = {"time": round(time.time(), 3), **record}
     history.append_text(json.dumps(record) + "\n")
     shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
@@ -353,6 +361,7 @@ def _log(history: StoragePath | None, record: dict) -> None:
     # logging setup the line then reached the log twice.
     sys.stdout.write(f"[leaf train] {shown}\n")
     sys.stdout.flush()
+    return record
 
 
 # -- the driver -----------------------------------------------------------------------------------------
@@ -460,13 +469,15 @@ def make_trainer(cfg: RunConfig, train_ds, loop_config: dict, callbacks=()):
     )
 
 
-def train_student(cfg: RunConfig, inputs: TrainingInputs, *, trace_ids: bool = False, callbacks=()) -> TrainResult:
+def train_student(cfg: RunConfig, inputs: TrainingInputs, *, trace_ids: bool = False, callbacks=(),
+                  tracking: dict | None = None) -> TrainResult:
     """Train (or resume) the run `cfg.name` on `inputs` (leaf_ray.inputs) and export its final student.
 
     The workers read `inputs.train` as Ray Train dataset shards, in its own order; `inputs.val` is evaluated at
     start, every epoch and end.
     trace_ids: return the ids each worker trained on (audits, tests).
     callbacks: Ray Train UserCallbacks for the trainer (make_trainer).
+    tracking: the MLflow run rank 0 logs metrics.jsonl's records to (leaf_ray.tracking.TrackedRun.target).
     """
     import ray
 
@@ -477,7 +488,7 @@ def train_student(cfg: RunConfig, inputs: TrainingInputs, *, trace_ids: bool = F
     steps = total_steps(cfg.train, inputs.train_rows)
     loop_config = {"cfg": cfg.model_dump(), "init_dir": init_dir, "total_steps": steps,
                    "val": ray.put(TeacherRows.of(inputs.val)), "history": run.location / "metrics.jsonl",
-                   "trace_ids": trace_ids}
+                   "trace_ids": trace_ids, "tracking": tracking}
     result = make_trainer(cfg, inputs.train, loop_config, callbacks).fit()
     summary = result.return_value
     with result.checkpoint.as_directory() as directory:

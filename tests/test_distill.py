@@ -27,7 +27,7 @@ from tests.conftest import DATA_ROOT, REPO, hub_snapshot, random_texts, run_in_p
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
-def tiny_run_config(tmp: Path, teacher: Path, name: str = "tiny") -> Path:
+def tiny_run_config(tmp: Path, teacher: Path, name: str = "tiny", tracking: bool = False) -> Path:
     texts = tmp / "texts.jsonl"
     with texts.open("w") as out:
         for i, text in enumerate(random_texts(320, seed=11)):
@@ -45,6 +45,7 @@ def tiny_run_config(tmp: Path, teacher: Path, name: str = "tiny") -> Path:
                      "throughput_samples": 16},
         "ray": {"num_cpus": 2},
         "storage": {"cache_root": str(tmp / "cache"), "runs_root": str(tmp / "runs")},
+        "tracking": {"mlflow": tracking},  # the default store: <runs_root>/mlflow.db
     }
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -60,7 +61,7 @@ def run_job(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess
 def finished_run(ray_local, tiny_teacher, tmp_path_factory):
     """The job run once in this process on the session's Ray; the tests below only read what it left."""
     tmp = tmp_path_factory.mktemp("distill")
-    config = tiny_run_config(tmp, tiny_teacher)
+    config = tiny_run_config(tmp, tiny_teacher, tracking=True)
     _, printed = run_in_process("jobs/distill.py", "--config", str(config))
     return tmp, config, printed
 
@@ -96,6 +97,26 @@ def test_distill_produces_a_loadable_student_results_and_plots(finished_run):
     assert parts and {pq.read_schema(p).field("embedding").type.value_type for p in parts} == {pa.float16()}
     end = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert end["event"] == "end" and end["val_cosine"] > 0.99
+
+
+def test_the_run_is_tracked_in_mlflow_as_its_metrics_log_says(finished_run):
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_tracking import assert_tracked_as_logged
+
+    tmp, config, printed = finished_run
+    client = MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
+    (logged,) = client.search_runs([client.get_experiment_by_name("leaf-ray").experiment_id])
+    assert logged.info.status == "FINISHED" and f"MLflow: run {logged.info.run_id}" in printed
+    assert_tracked_as_logged(client, logged.info.run_id, tmp / "runs" / "tiny" / "metrics.jsonl")
+    assert logged.data.params["train.epochs"] == "2" and logged.data.params["name"] == "tiny"
+    results = json.loads((tmp / "runs" / "tiny" / "results.json").read_text())
+    headline = next(r for r in results["records"] if (r["dataset"], r["mode"], r["metric"], r["dims"],
+                                                      r["quantization"]) == ("scifact", "student", "ndcg_at_10",
+                                                                             32, "float32"))
+    assert logged.data.metrics["scifact.test.ndcg_at_10.student"] == headline["value"]
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert {"config.json", "results.json", "student"} <= artifacts
 
 
 def test_rerun_refuses_finished_run_and_new_name_reuses_cache(finished_run):

@@ -32,6 +32,7 @@ from leaf_ray.sweep import (
     trial_config,
     trial_resources,
 )
+from leaf_ray.sweep.validation import TRIAL_MODES, mean_metric
 from tests.conftest import REPO
 from tests.test_distill import run_job, tiny_run_config
 
@@ -117,7 +118,7 @@ SWEEP = "tiny-sweep"
 
 
 def tiny_sweep_config(tmp: Path, teacher: Path) -> Path:
-    path = tiny_run_config(tmp, teacher, name=SWEEP)
+    path = tiny_run_config(tmp, teacher, name=SWEEP, tracking=True)
     config = yaml.safe_load(path.read_text())
     config["train"].update(epochs=1, log_every_steps=6, validate_every_steps=6, keep_checkpoints=1)
     config["evaluate"].update(sts=None, dims=[16], quantizations=["float32", "binary"], max_corpus=150,
@@ -252,3 +253,29 @@ def test_the_teacher_ran_before_the_trials_and_never_during_them(sweep):
     tuning = (min(history(d)[0]["time"] for d in trial_dirs), max(history(d)[-1]["time"] for d in trial_dirs))
     assert not [m for m in after.values() if tuning[0] <= m["finished"] <= tuning[1]]
     assert len(after) == 3  # + the test split's queries and corpus, for the final report of the front
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.e2e
+def test_each_trial_is_an_mlflow_run_nested_under_the_sweep(sweep):
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_tracking import assert_tracked_as_logged
+
+    assert sweep.report is not None, sweep.second.stderr[-5000:]
+    client = MlflowClient(f"sqlite:///{sweep.tmp / 'runs' / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("leaf-ray").experiment_id])}
+    parent = runs.pop(SWEEP)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["evaluated"] == 2
+    trials = {t["trial_id"]: t for t in sweep.report["trials"]}
+    assert set(runs) == set(trials)  # one run per trial, the interrupted and resumed one included
+    for trial_id, run in runs.items():
+        trial = trials[trial_id]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == ("FINISHED" if trial["status"] == "evaluated" else "KILLED")
+        assert run.data.params["train.lr"] == json.dumps(5.0 if trial["params"]["student"] == "lr5" else 1e-3)
+        assert_tracked_as_logged(client, run.info.run_id, sweep.folder / "trials" / trial_id / "metrics.jsonl")
+        if trial["status"] == "evaluated":  # the validation scores the sweep ranked it by
+            for mode in TRIAL_MODES:
+                assert run.data.metrics[f"val_ndcg_at_10_{mode}"] == mean_metric(trial["records"], mode, "ndcg_at_10")

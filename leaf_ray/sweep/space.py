@@ -77,6 +77,8 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         local = local_root(root, f"storage.{field}") if root is not None else None
         if local is not None:
             values[f"storage.{field}"] = str(local)
+    if cfg.tracking.mlflow:  # the trials' runs_root is the sweep's folder: they share the sweep's default store
+        values["tracking.uri"] = cfg.tracking.resolved_uri(cfg.storage)
     return with_values(cfg, values, source="sweep paths")
 
 

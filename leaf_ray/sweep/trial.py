@@ -40,7 +40,9 @@ def run_trial(params: dict, *, cfg_tree: dict, inputs) -> None:
     from leaf_ray.student import read_manifest
     from leaf_ray.train import total_steps
 
-    run = LeafRun(trial_config(RunConfig.model_validate(cfg_tree), params, ray.tune.get_context().get_trial_id()))
+    sweep = RunConfig.model_validate(cfg_tree)
+    run = LeafRun(trial_config(sweep, params, ray.tune.get_context().get_trial_id()),
+                  tracking_parent=str(sweep.storage.runs_location() / sweep.name))
     cfg = run.cfg
     summary_path = resolve(run.folder.path / TRIAL_SUMMARY)
     if summary_path.is_file():  # evaluated before an interruption cut its report to Tune short: only report
@@ -55,6 +57,9 @@ def run_trial(params: dict, *, cfg_tree: dict, inputs) -> None:
                    "student_path": str(trained.student_path), "param_counts": counts, "train": trained.metrics,
                    "records": validation_records(cfg, sources, TRIAL_MODES)}
         summary_path.write_text(json.dumps(summary, indent=1, default=str))
-    ray.tune.report({ALIGNMENT: summary["train"][ALIGNMENT], "step": summary["train"]["step"],
-                     **{f"val_{QUALITY_METRIC}_{mode}": mean_metric(summary["records"], mode, QUALITY_METRIC)
-                        for mode in TRIAL_MODES}})
+    final = {ALIGNMENT: summary["train"][ALIGNMENT], "step": summary["train"]["step"],
+             **{f"val_{QUALITY_METRIC}_{mode}": mean_metric(summary["records"], mode, QUALITY_METRIC)
+                for mode in TRIAL_MODES}}
+    if run.tracked is not None:
+        run.tracked.finish({k: v for k, v in final.items() if k.startswith("val_")}, summary)
+    ray.tune.report(final)
