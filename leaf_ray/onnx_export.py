@@ -11,6 +11,8 @@ measures both graphs).
 `encode` takes the arguments of SentenceTransformer.encode that serving uses, so the two paths are drop-in
 replacements for each other. Tokenisation matches sentence-transformers': the prompt is prefixed to the text,
 truncation at the model's max_seq_length, padding to the longest text of a batch, texts batched longest first.
+It earns its place twice: serving without torch, and sentence-transformers' own `backend="onnx"` needs
+optimum-onnx, whose release does not import with transformers 5 (docs/serving.md).
 """
 
 from __future__ import annotations

@@ -61,5 +61,5 @@ def run_trial(params: dict, *, cfg_tree: dict, inputs) -> None:
              **{f"val_{QUALITY_METRIC}_{mode}": mean_metric(summary["records"], mode, QUALITY_METRIC)
                 for mode in TRIAL_MODES}}
     if run.tracked is not None:
-        run.tracked.finish({k: v for k, v in final.items() if k.startswith("val_")}, summary)
+        run.tracked.finish({k: v for k, v in final.items() if k.startswith(f"val_{QUALITY_METRIC}_")}, summary)
     ray.tune.report(final)
