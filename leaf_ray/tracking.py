@@ -90,8 +90,11 @@ class TrackedRun:
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
             experiment = self.client.get_experiment_by_name(tracking.experiment)
+            # the default store keeps its artifacts beside it, not in the working directory's ./mlruns
+            artifacts = (None if tracking.uri is not None
+                         else self.uri.removeprefix("sqlite:///").removesuffix(".db") + "-artifacts")
             experiment_id = (experiment.experiment_id if experiment is not None
-                             else self.client.create_experiment(tracking.experiment))
+                             else self.client.create_experiment(tracking.experiment, artifact_location=artifacts))
             found = self._run_of(experiment_id, folder)
             parent_id = self._run_of(experiment_id, parent) if parent else None
         except (mlflow.exceptions.MlflowException, OSError) as exc:

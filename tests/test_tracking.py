@@ -118,6 +118,7 @@ def test_a_finished_run_logs_its_scores_results_and_student(tiny_teacher, leaf, 
     client.download_artifacts(run.tracked.run_id, "", str(artifacts))
     assert json.loads((artifacts / "results.json").read_text())["records"] == records
     assert json.loads((artifacts / "config.json").read_text()) == cfg.model_dump(mode="json")
+    assert (tmp_path / "runs" / "mlflow-artifacts").is_dir()  # beside the default store, not in ./mlruns
 
     from sentence_transformers import SentenceTransformer
 
