@@ -24,10 +24,9 @@ from leaf_ray.report import write_report
 from leaf_ray.runs import RunFolder
 from leaf_ray.runtime import init_ray
 from leaf_ray.teacher import TeacherCache, build_cache
-from leaf_ray.tracking import score_metrics
+from leaf_ray.tracking import TrackedRun, score_metrics
 
 if TYPE_CHECKING:  # torch and sentence-transformers: imported by the stages that need them (not embed_teacher.py)
-    from leaf_ray.tracking import TrackedRun
     from leaf_ray.train import TrainResult
 
 PLOT_METRICS = ("ndcg_at_10", "cosine_spearman")  # a report's plots: retrieval and STS quality against dims
@@ -64,8 +63,6 @@ class LeafRun:
     @cached_property
     def tracked(self) -> TrackedRun | None:
         """The run folder's MLflow run (leaf_ray.tracking) when `tracking.mlflow` is on."""
-        from leaf_ray.tracking import TrackedRun
-
         if not self.cfg.tracking.mlflow:
             return None
         return TrackedRun(self.cfg, str(self.folder.location), self.tracking_parent)

@@ -92,7 +92,7 @@ class TrackedRun:
             experiment = self.client.get_experiment_by_name(tracking.experiment)
             # the default store keeps its artifacts beside it, not in the working directory's ./mlruns
             artifacts = (None if tracking.uri is not None
-                         else self.uri.removeprefix("sqlite:///").removesuffix(".db") + "-artifacts")
+                         else str(Path(self.uri.removeprefix("sqlite:///")).with_name("mlflow-artifacts")))
             experiment_id = (experiment.experiment_id if experiment is not None
                              else self.client.create_experiment(tracking.experiment, artifact_location=artifacts))
             found = self._run_of(experiment_id, folder)
@@ -107,11 +107,11 @@ class TrackedRun:
         else:
             tags = {RUN_FOLDER_TAG: folder, **({"mlflow.parentRunId": parent_id} if parent_id else {})}
             self.run_id = self.client.create_run(experiment_id, run_name=cfg.name, tags=tags).info.run_id
-            params = flat_params(cfg.model_dump(mode="json"))
-            items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]  # MLflow's value limit
+            tree = cfg.model_dump(mode="json")
+            items = [mlflow.entities.Param(k, v[:6000]) for k, v in flat_params(tree).items()]  # MLflow's value limit
             for start in range(0, len(items), 100):  # and its batch limit
                 self.client.log_batch(self.run_id, params=items[start:start + 100])
-            self.client.log_dict(self.run_id, cfg.model_dump(mode="json"), "config.json")
+            self.client.log_dict(self.run_id, tree, "config.json")
 
     def _run_of(self, experiment_id: str, folder: str) -> str | None:
         quoted = folder.replace("'", "\\'")

@@ -57,9 +57,8 @@ def run_trial(params: dict, *, cfg_tree: dict, inputs) -> None:
                    "student_path": str(trained.student_path), "param_counts": counts, "train": trained.metrics,
                    "records": validation_records(cfg, sources, TRIAL_MODES)}
         summary_path.write_text(json.dumps(summary, indent=1, default=str))
-    final = {ALIGNMENT: summary["train"][ALIGNMENT], "step": summary["train"]["step"],
-             **{f"val_{QUALITY_METRIC}_{mode}": mean_metric(summary["records"], mode, QUALITY_METRIC)
-                for mode in TRIAL_MODES}}
+    scores = {f"val_{QUALITY_METRIC}_{mode}": mean_metric(summary["records"], mode, QUALITY_METRIC)
+              for mode in TRIAL_MODES}
     if run.tracked is not None:
-        run.tracked.finish({k: v for k, v in final.items() if k.startswith(f"val_{QUALITY_METRIC}_")}, summary)
-    ray.tune.report(final)
+        run.tracked.finish(scores, summary)
+    ray.tune.report({ALIGNMENT: summary["train"][ALIGNMENT], "step": summary["train"]["step"], **scores})
