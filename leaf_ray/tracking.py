@@ -90,9 +90,10 @@ class TrackedRun:
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
             experiment = self.client.get_experiment_by_name(tracking.experiment)
-            # the default store keeps its artifacts beside it, not in the working directory's ./mlruns
-            artifacts = (None if tracking.uri is not None
-                         else str(Path(self.uri.removeprefix("sqlite:///")).with_name("mlflow-artifacts")))
+            # an SQLite store keeps its artifacts beside it, not in the working directory's ./mlruns (a server
+            # has its own artifact root)
+            artifacts = (str(Path(self.uri.removeprefix("sqlite:///")).with_name("mlflow-artifacts"))
+                         if self.uri.startswith("sqlite:///") else None)
             experiment_id = (experiment.experiment_id if experiment is not None
                              else self.client.create_experiment(tracking.experiment, artifact_location=artifacts))
             found = self._run_of(experiment_id, folder)
