@@ -165,6 +165,13 @@ def scale(result: dict) -> list[str]:
              f"largest run's vectors would add {_n(result['largest_vectors_mb'], 0)} MiB.")]
 
 
+def job_log(result: dict) -> list[str]:
+    rows = [[label, run["commit"], _n(run["minutes"]), run["lines"], _n(run["lines_per_minute"]),
+             run["ray_data_progress_lines"], run["repeated_lines"]] for label, run in result["runs"].items()]
+    return [rows_table(["checkout", "commit", "minutes", "log lines", "lines/min", "Ray Data progress lines",
+                        "repeated lines"], rows)]
+
+
 def scalars(result: dict) -> list[str]:
     rows = [[key, _n(value, 2)] for key, value in result.items() if isinstance(value, int | float | str | bool)]
     return [rows_table(["figure", "value"], rows)]
@@ -181,6 +188,8 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict], list[str]]]] = {
     "teacher_backends_cpu": ("Teacher backends", "python bench/teacher_backends.py", teacher_backends),
     "train_throughput": ("Training: Ray Train vs a plain loop", "python bench/train_throughput.py", train_throughput),
     "scale": ("Scale: the data path from 250k to 2M texts", "python bench/scale.py", scale),
+    "job_log": ("A submitted job's log", "python bench/job_log.py --label <checkout> [--working-dir <checkout>]",
+                job_log),
 }
 ORDER = list(SECTIONS)
 

@@ -4,15 +4,10 @@
 from __future__ import annotations
 
 import json
-import re
 import os
-import shutil
-import signal
-import socket
+import re
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,7 +17,7 @@ import yaml
 
 from leaf_ray.data.hub import HubPath
 from leaf_ray.runs import RunFinishedError
-from tests.conftest import DATA_ROOT, REPO, hub_snapshot, random_texts, run_in_process
+from tests.conftest import DATA_ROOT, REPO, hub_snapshot, load_script, random_texts, run_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -126,64 +121,33 @@ def test_rerun_refuses_finished_run_and_new_name_reuses_cache(finished_run):
     with pytest.raises(RunFinishedError, match="already finished"):
         run_in_process("jobs/distill.py", "--config", str(config))
     assert (tmp / "runs" / "tiny" / "run_complete.json").is_file()
-    run_in_process("jobs/distill.py", "--config", str(config), "name=tiny-2", "train.epochs=1", "evaluate.sts=null",
-                   "evaluate.quantizations=[float32]")
+    run_in_process("jobs/distill.py", "--config", str(config), "name=tiny-2", "train.max_steps=2", "evaluate.sts=null",
+                   "evaluate.quantizations=[float32]", "evaluate.max_corpus=60", "evaluate.max_queries=10")
     assert (tmp / "runs" / "tiny-2" / "run_complete.json").is_file()
     after = {p: json.loads(p.read_text())["finished"] for p in manifests}
     assert after == before, "the teacher cache was recomputed"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ray_job_submit_against_a_local_head(tiny_teacher, tmp_path):
-    """The README's `ray job submit` flow against a head the test starts on 127.0.0.1 and stops after."""
+    """The README's `ray job submit` flow against a head started on 127.0.0.1 and stopped after (bench/job_log.py's,
+    which also measures a submitted job's log)."""
+    job_log = load_script("bench/job_log.py")
     config = tiny_run_config(tmp_path, tiny_teacher, name="submitted")
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    port, dashboard, agent = _free_port(), _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    temp_dir = Path(tempfile.mkdtemp(prefix="lrjob-", dir="/tmp"))  # short: Ray's socket paths are limited
-    log = (temp_dir / "head.log").open("w")
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                             # the job agent's default port is held by any other Ray on this machine (the suite's own)
-                             f"--dashboard-agent-listen-port={agent}",
-                             f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while "Ray runtime started" not in (temp_dir / "head.log").read_text() and time.time() < deadline:
-            assert head.poll() is None, (temp_dir / "head.log").read_text()[-3000:]
-            time.sleep(0.5)
-        runtime_env = json.dumps({"env_vars": {"LEAF_DATA_DIR": str(DATA_ROOT), "HF_HUB_OFFLINE": "1"}})
-        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
-                  "--runtime-env-json", runtime_env, "--", "python", "jobs/distill.py", "--config", str(config),
+    log = tmp_path / "job.log"
+    entrypoint = ["python", "jobs/distill.py", "--config", str(config),
                   # the whole job, kept small: the in-process run above covers what each stage produces
                   "train.max_steps=4", "evaluate.sts=null", "evaluate.quantizations=[float32]",
                   "evaluate.max_corpus=60", "evaluate.max_queries=10"]
-        deadline = time.time() + 120
-        while True:  # the head's job agent comes up after "Ray runtime started"; on a loaded machine, much after
-            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=800, cwd=REPO)
-            if "No available agent to submit job" not in job.stderr or time.time() > deadline:
-                break
-            time.sleep(2)
-        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-3000:]
-        assert "Started a local Ray instance" not in job.stdout  # it joined the cluster
-        run = tmp_path / "runs" / "submitted"
-        assert (run / "student" / "leaf_manifest.json").is_file() and (run / "results.json").is_file()
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # only the head this test started: `ray stop` ends every Ray process
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with job_log.local_head() as address:
+        status = job_log.submit(address, REPO, entrypoint, {"LEAF_DATA_DIR": str(DATA_ROOT), "HF_HUB_OFFLINE": "1"},
+                                log, timeout_s=800)
+    printed = log.read_text()
+    assert status == 0 and "succeeded" in printed, printed[-6000:]
+    assert "Started a local Ray instance" not in printed  # it joined the cluster
+    run = tmp_path / "runs" / "submitted"
+    assert (run / "student" / "leaf_manifest.json").is_file() and (run / "results.json").is_file()
+    counts = job_log.count_lines(printed, minutes=1.0)
+    assert counts["ray_data_progress_lines"] == 0, printed[-6000:]  # no terminal: Ray Data's blocks are off
 
 
 def hub_layout_file(pattern: str) -> str:
