@@ -1,13 +1,14 @@
 """How the data path's cost grows with the number of texts: mix -> teacher -> cache -> one epoch of training.
 
-    python bench/scale.py [--rows 250000 500000 1000000 2000000] [--out bench/results/scale.json]
+    python bench/scale.py [--rows 250000 500000 1000000 2000000] [--out bench/results/scale.json] [--work DIR]
 
 The pipeline is measured, not the model: the teacher and the student are tiny BERTs built here, and the texts
 are train-text replicated with unique ids and a replica mark (so none is a duplicate). Each size runs in its
 own driver process on a fresh local Ray (peak RSS is a per-process high-water mark), one size after the other.
 Per size: wall time per stage, rows/s, the driver's peak RSS and the largest Ray worker's. The claims to read
 off the JSON: the driver's peak RSS stays flat as the rows grow (it never holds texts or vectors), and wall
-time grows linearly. Writes JSON and a PNG beside it.
+time grows linearly. Writes JSON and a PNG beside it, after every size; the points an earlier run saved there
+for other sizes are kept, so a sweep too long for one sitting continues with the sizes it has not run.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def main() -> None:
     write_texts(DataConfig().resolve_path("train-text/texts.jsonl.gz"), work / "data", max(args.rows),
                 args.rows_per_file)
     build_tiny_bert(work / "teacher", hidden=args.teacher_hidden, layers=1)
-    points = []
+    points = earlier_points(args.out, args.rows)
     for rows in args.rows:
         child = subprocess.run([sys.executable, __file__, "--one", "--rows", str(rows), "--work", str(work),
                                 "--rows-per-file", str(args.rows_per_file)], capture_output=True, text=True,
@@ -185,7 +186,8 @@ def main() -> None:
         point = next((json.loads(line[6:]) for line in child.stdout.splitlines() if line.startswith("POINT ")), None)
         if point is None:
             raise SystemExit(f"the {rows}-row run failed:\n{child.stderr[-3000:]}")
-        points.append(point)
+        point["requested_rows"] = rows
+        points = sorted([*points, point], key=lambda p: p["rows"])
         print(json.dumps({k: point[k] for k in ("rows", "driver_peak_rss_mb", "worker_peak_rss_mb",
                                                 "stage_seconds", "total_seconds")}), flush=True)
         summary = summarise(points, args)  # saved after every size: a long run stopped early keeps its points
@@ -194,6 +196,14 @@ def main() -> None:
         plot(points, args.out.with_suffix(".png"))
     print(f"driver RSS growth {summary['driver_rss_growth']:+.1%}, time vs linear {summary['time_vs_linear']:.2f}x; "
           f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def earlier_points(out: Path, rows: list[int]) -> list[dict]:
+    """The points an earlier run saved in `out` for sizes not rerun now: a sweep of sizes too long for one sitting
+    continues where it stopped (`--rows 1000000 2000000` after `--rows 250000 500000`)."""
+    if not out.is_file():
+        return []
+    return [p for p in json.loads(out.read_text()).get("points", []) if p.get("requested_rows", p["rows"]) not in rows]
 
 
 def summarise(points: list[dict], args) -> dict:
