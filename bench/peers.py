@@ -183,7 +183,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"train.mode is {cfg.train.mode!r}: bench/peers.py compares on cached teacher vectors "
                          "(train.mode=cache)")
     torch.set_num_threads(worker_threads(cfg.train))  # the in-process peers get the leaf-ray workers' threads
-    init_ray(cfg.ray)
+    joined = init_ray(cfg.ray)
 
     texts, _ = build_mix(cfg.data)
     inputs, teacher_s, _ = timed(training_inputs, cfg, texts)
@@ -258,7 +258,8 @@ def main(argv=None) -> dict:
     plot(report, out.with_suffix(".png"))
     print_table(report)
     print(f"wrote {out} and {out.with_suffix('.png')} (trained peers in {work})")
-    ray.shutdown()
+    if joined != "already-initialized":  # a caller's Ray (a test's, a notebook's) stays up
+        ray.shutdown()
     return report
 
 

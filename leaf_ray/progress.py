@@ -19,6 +19,18 @@ def interactive(stream=None) -> bool:
     return bool(getattr(stream, "isatty", None) and stream.isatty())
 
 
+def quiet_library_bars(stream=None) -> None:
+    """Off a terminal (a Ray worker, a job's log), switch off the tqdm bars that transformers and huggingface_hub
+    draw while loading and saving weights: a log keeps each as two lines per model, repeated by every worker."""
+    if interactive(stream):
+        return
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)

@@ -20,6 +20,7 @@ from leaf_ray.data import build_mix
 from leaf_ray.evaluate import (EvaluationResult, VectorSource, beir_dataset, build_sources, run_evaluation,
                                student_prompts)
 from leaf_ray.inputs import TrainingInputs, training_inputs
+from leaf_ray.progress import interactive
 from leaf_ray.report import write_report
 from leaf_ray.runs import RunFolder
 from leaf_ray.runtime import init_ray
@@ -103,9 +104,11 @@ class LeafRun:
                              self.models, self.cfg.evaluate.batch_size)
 
     def evaluate(self, student: Path | str, teacher: TeacherConfig | None = None,
-                 progress: bool = True) -> EvaluationResult:
-        """The evaluate section's datasets, modes, dims and quantizations for `student` against `teacher`."""
-        return run_evaluation(self.cfg.evaluate, self.sources(student, teacher), self.cfg.data, progress=progress)
+                 progress: bool | None = None) -> EvaluationResult:
+        """The evaluate section's datasets, modes, dims and quantizations for `student` against `teacher`, with
+        progress bars (`progress`) by default on a terminal only."""
+        shown = interactive() if progress is None else progress
+        return run_evaluation(self.cfg.evaluate, self.sources(student, teacher), self.cfg.data, progress=shown)
 
     def throughput(self, students: Mapping[str, Path | str], split: str | None = None, rounds: int = 2,
                    latency_queries: int = 50) -> dict[str, dict]:

@@ -24,10 +24,12 @@ def init_ray(cfg: RayConfig) -> str:
     import ray
     from ray.data import DataContext
 
-    from leaf_ray.progress import interactive
+    from leaf_ray.progress import interactive, quiet_library_bars
 
     shown = interactive() if cfg.progress_bars is None else cfg.progress_bars
     DataContext.get_current().enable_progress_bars = shown
+    if not shown:
+        quiet_library_bars()
     if ray.is_initialized():
         return "already-initialized"
     address = cfg.address or os.environ.get("RAY_ADDRESS")

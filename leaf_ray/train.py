@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from leaf_ray.config import RunConfig, TrainConfig
 from leaf_ray.errors import LeafRayError
 from leaf_ray.inputs import TrainingInputs
+from leaf_ray.progress import quiet_library_bars
 from leaf_ray.runs import RunFolder
 from leaf_ray.storage import StoragePath, local_copy
 from leaf_ray.student import (MANIFEST_NAME, TeacherRows, build_student, export_student, forward_texts,
@@ -337,6 +338,7 @@ class _Worker:
 
 def _worker_loop(config: dict) -> dict:
     """Ray Train's per-worker entry point; returns rank 0's summary as the Result's return_value."""
+    quiet_library_bars()
     return _Worker(config).run()
 
 

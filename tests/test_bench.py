@@ -30,6 +30,7 @@ from .conftest import (
     TEACHER_PROMPTS,
     build_tiny_mpnet,
     random_texts,
+    run_in_process,
     tiny_teacher_config,
 )
 
@@ -171,14 +172,18 @@ def test_serving_script_writes_speedups_agreement_and_physical_limit(serving_res
 
 
 @pytest.fixture(scope="module")
-def peers_result(tiny_teacher, scifact_slice, tmp_path_factory) -> Path:
+def peers_result(ray_local, tiny_teacher, scifact_slice, tmp_path_factory) -> Path:
+    """bench/peers.py run in this process on the session's Ray (it sets torch's thread count for its in-process
+    peers: restored after)."""
+    import torch
+
     tmp = tmp_path_factory.mktemp("peers")
     texts = tmp / "texts.jsonl"
     texts.write_text("".join(json.dumps({"id": f"t{i}", "text": t, "kind": "query" if i % 4 else "document"}) + "\n"
                              for i, t in enumerate(random_texts(200, seed=5))))
     config = {
         "name": "tiny-peers",
-        "data": {"validation_size": 16, "sources": [{"path": str(texts)}]},
+        "data": {"root": str(DATA_ROOT), "validation_size": 16, "sources": [{"path": str(texts)}]},
         "teacher": {"model": str(tiny_teacher), "query_prompt": "query: ", "max_length": 64, "batch_size": 32,
                     "num_cpus_per_actor": 0.5, "torch_threads": 1},
         "student": {"kind": "teacher_layers", "layers": [0, 2], "max_length": 64, "projection_init": "random"},
@@ -190,8 +195,12 @@ def peers_result(tiny_teacher, scifact_slice, tmp_path_factory) -> Path:
     }
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
     out = tmp / "peers.json"
-    run_script("bench/peers.py", "--config", str(tmp / "tiny.yaml"), "--work", str(tmp / "work"), "--docs", "8",
-               "--queries", "8", "--rounds", "1", "--out", str(out))
+    threads = torch.get_num_threads()
+    try:
+        run_in_process("bench/peers.py", "--config", str(tmp / "tiny.yaml"), "--work", str(tmp / "work"), "--docs",
+                       "8", "--queries", "8", "--rounds", "1", "--out", str(out))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

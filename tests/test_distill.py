@@ -128,16 +128,21 @@ def test_rerun_refuses_finished_run_and_new_name_reuses_cache(finished_run):
     assert after == before, "the teacher cache was recomputed"
 
 
-def test_ray_job_submit_against_a_local_head(tiny_teacher, tmp_path):
+def test_ray_job_submit_against_a_local_head(finished_run, tiny_teacher, tmp_path):
     """The README's `ray job submit` flow against a head started on 127.0.0.1 and stopped after (bench/job_log.py's,
-    which also measures a submitted job's log)."""
+    which also measures a submitted job's log). The job finds the text mix's teacher vectors that the in-process
+    run left in the same cache root, as a user's job after a trial run does; its evaluation set is new, so one
+    teacher actor pool still runs inside the submitted job."""
     job_log = load_script("bench/job_log.py")
+    shared_cache = finished_run[0] / "cache"
+    manifests = {p: p.read_text() for p in (shared_cache / "teacher").rglob("manifest.json")}
     config = tiny_run_config(tmp_path, tiny_teacher, name="submitted")
     log = tmp_path / "job.log"
-    entrypoint = ["python", "jobs/distill.py", "--config", str(config),
-                  # the whole job, kept small: the in-process run above covers what each stage produces
+    entrypoint = ["python", "jobs/distill.py", "--config", str(config), f"storage.cache_root={shared_cache}",
+                  # the whole job, kept small: the in-process run above covers what each stage produces; 12
+                  # queries, not the rerun test's 10, so that the evaluation set is one no run has cached yet
                   "train.max_steps=4", "evaluate.sts=null", "evaluate.quantizations=[float32]",
-                  "evaluate.max_corpus=60", "evaluate.max_queries=10"]
+                  "evaluate.max_corpus=60", "evaluate.max_queries=12"]
     with job_log.local_head() as address:
         status = job_log.submit(address, REPO, entrypoint, {"LEAF_DATA_DIR": str(DATA_ROOT), "HF_HUB_OFFLINE": "1"},
                                 log, timeout_s=800)
@@ -148,6 +153,12 @@ def test_ray_job_submit_against_a_local_head(tiny_teacher, tmp_path):
     assert (run / "student" / "leaf_manifest.json").is_file() and (run / "results.json").is_file()
     counts = job_log.count_lines(printed, minutes=1.0)
     assert counts["ray_data_progress_lines"] == 0, printed[-6000:]  # no terminal: Ray Data's blocks are off
+    bars = ("Loading weights", "Writing model shards", "Batches:", "retrieval variants")  # libraries' and ours
+    assert not [bar for bar in bars if bar in printed], printed[-6000:]  # no tqdm bar in a log, from any process
+    after = {p: p.read_text() for p in (shared_cache / "teacher").rglob("manifest.json")}
+    assert {p: after[p] for p in manifests} == manifests  # the mix's vectors were reused, not recomputed
+    (evaluation,) = (json.loads(after[p]) for p in set(after) - set(manifests))  # the new evaluation set's cache
+    assert evaluation["complete"] and evaluation["last_run"]["rows_computed"] == evaluation["rows"]
 
 
 def hub_layout_file(pattern: str) -> str:

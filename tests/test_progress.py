@@ -43,3 +43,27 @@ def test_ray_data_progress_bars_follow_the_config(ray_local):
         assert not context.enable_progress_bars
     finally:
         context.enable_progress_bars = False
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_library_weight_bars_are_switched_off_in_a_log_and_kept_on_a_terminal():
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    from leaf_ray.progress import quiet_library_bars
+
+    was_hub, was_transformers = are_progress_bars_disabled(), transformers_logging.is_progress_bar_enabled()
+    try:
+        enable_progress_bars()
+        transformers_logging.enable_progress_bar()
+        quiet_library_bars(Terminal())
+        assert not are_progress_bars_disabled() and transformers_logging.is_progress_bar_enabled()
+        quiet_library_bars(io.StringIO())  # a Ray worker's or a job's log
+        assert are_progress_bars_disabled() and not transformers_logging.is_progress_bar_enabled()
+    finally:
+        (disable_progress_bars if was_hub else enable_progress_bars)()
+        (transformers_logging.enable_progress_bar if was_transformers else transformers_logging.disable_progress_bar)()

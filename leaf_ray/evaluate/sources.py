@@ -17,6 +17,7 @@ from leaf_ray.config import TeacherConfig
 from leaf_ray.evaluate.compression import truncate
 from leaf_ray.evaluate.data import EncodeRequest, EvaluationError
 from leaf_ray.models import ModelStore
+from leaf_ray.progress import interactive
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,14 @@ def encode_once(sources: Mapping[str, VectorSource], texts: list[str], ids: list
 
 
 def sentence_transformer_source(model, prompts: Mapping[str, str], batch_size: int = 64,
-                                progress: bool = True) -> VectorSource:
-    """Encode directly with a loaded SentenceTransformer, prompting each kind as given."""
+                                progress: bool | None = None) -> VectorSource:
+    """Encode directly with a loaded SentenceTransformer, prompting each kind as given; a progress bar as
+    `progress` says, by default on a terminal only."""
+    shown = interactive() if progress is None else progress
 
     def encode(texts: list[str], ids: list[str], kind: str) -> np.ndarray:
         return model.encode(texts, prompt=prompts.get(kind) or None, batch_size=batch_size,
-                            normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress)
+                            normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=shown)
 
     return encode
 

@@ -11,6 +11,7 @@ import math
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from leaf_ray.config import RunConfig
+from leaf_ray.progress import quiet_library_bars
 from leaf_ray.recipe import LeafRun
 from leaf_ray.storage import resolve
 from leaf_ray.sweep.space import TRIAL_SUMMARY, trial_config, trial_label
@@ -40,6 +41,7 @@ def run_trial(params: dict, *, cfg_tree: dict, inputs) -> None:
     from leaf_ray.student import read_manifest
     from leaf_ray.train import total_steps
 
+    quiet_library_bars()
     sweep = RunConfig.model_validate(cfg_tree)
     run = LeafRun(trial_config(sweep, params, ray.tune.get_context().get_trial_id()),
                   tracking_parent=str(sweep.storage.runs_location() / sweep.name))

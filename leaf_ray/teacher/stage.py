@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from leaf_ray.config import TeacherConfig
 from leaf_ray.models import ModelStore
-from leaf_ray.progress import Progress
+from leaf_ray.progress import Progress, quiet_library_bars
 from leaf_ray.storage import DEFAULT_LOCAL_CACHE, StoragePath, resolve
 from leaf_ray.teacher.backends import make_backend
 from leaf_ray.teacher.cache import TeacherCache, teacher_fingerprint
@@ -49,6 +49,7 @@ class TeacherEmbedder:
     @property
     def backend(self):
         if self.loaded is None:
+            quiet_library_bars()
             self.loaded = make_backend(*self.options)
         return self.loaded
 
