@@ -19,8 +19,8 @@ DATA_TASK_CPUS = 0.25
 
 
 def init_ray(cfg: RayConfig) -> str:
-    """Start or join Ray once per process (showing Ray Data's progress as `ray.progress_bars` says); returns the
-    address joined ("local" for a new instance)."""
+    """Start or join Ray once per process (showing Ray Data's progress as `ray.progress_bars` says, and off a
+    terminal no library's weight-loading bars); returns the address joined ("local" for a new instance)."""
     import ray
     from ray.data import DataContext
 
@@ -28,8 +28,7 @@ def init_ray(cfg: RayConfig) -> str:
 
     shown = interactive() if cfg.progress_bars is None else cfg.progress_bars
     DataContext.get_current().enable_progress_bars = shown
-    if not shown:
-        quiet_library_bars()
+    quiet_library_bars()
     if ray.is_initialized():
         return "already-initialized"
     address = cfg.address or os.environ.get("RAY_ADDRESS")
