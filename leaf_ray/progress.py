@@ -19,6 +19,11 @@ def interactive(stream=None) -> bool:
     return bool(getattr(stream, "isatty", None) and stream.isatty())
 
 
+def bars_shown(setting: bool | None, stream=None) -> bool:
+    """A progress-bar setting resolved: True or False as given, None (the default) on a terminal only."""
+    return interactive(stream) if setting is None else setting
+
+
 def quiet_library_bars(stream=None) -> None:
     """Off a terminal (a Ray worker, a job's log), switch off the tqdm bars that transformers and huggingface_hub
     draw while loading and saving weights: a log keeps each as two lines per model, repeated by every worker."""

@@ -20,7 +20,7 @@ from leaf_ray.data import build_mix
 from leaf_ray.evaluate import (EvaluationResult, VectorSource, beir_dataset, build_sources, run_evaluation,
                                student_prompts)
 from leaf_ray.inputs import TrainingInputs, training_inputs
-from leaf_ray.progress import interactive
+from leaf_ray.progress import bars_shown
 from leaf_ray.report import write_report
 from leaf_ray.runs import RunFolder
 from leaf_ray.runtime import init_ray
@@ -107,8 +107,8 @@ class LeafRun:
                  progress: bool | None = None) -> EvaluationResult:
         """The evaluate section's datasets, modes, dims and quantizations for `student` against `teacher`, with
         progress bars (`progress`) by default on a terminal only."""
-        shown = interactive() if progress is None else progress
-        return run_evaluation(self.cfg.evaluate, self.sources(student, teacher), self.cfg.data, progress=shown)
+        return run_evaluation(self.cfg.evaluate, self.sources(student, teacher), self.cfg.data,
+                              progress=bars_shown(progress))
 
     def throughput(self, students: Mapping[str, Path | str], split: str | None = None, rounds: int = 2,
                    latency_queries: int = 50) -> dict[str, dict]:

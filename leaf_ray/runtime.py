@@ -24,10 +24,9 @@ def init_ray(cfg: RayConfig) -> str:
     import ray
     from ray.data import DataContext
 
-    from leaf_ray.progress import interactive, quiet_library_bars
+    from leaf_ray.progress import bars_shown, quiet_library_bars
 
-    shown = interactive() if cfg.progress_bars is None else cfg.progress_bars
-    DataContext.get_current().enable_progress_bars = shown
+    DataContext.get_current().enable_progress_bars = bars_shown(cfg.progress_bars)
     quiet_library_bars()
     if ray.is_initialized():
         return "already-initialized"

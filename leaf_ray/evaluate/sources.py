@@ -17,7 +17,7 @@ from leaf_ray.config import TeacherConfig
 from leaf_ray.evaluate.compression import truncate
 from leaf_ray.evaluate.data import EncodeRequest, EvaluationError
 from leaf_ray.models import ModelStore
-from leaf_ray.progress import interactive
+from leaf_ray.progress import bars_shown
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def sentence_transformer_source(model, prompts: Mapping[str, str], batch_size: i
                                 progress: bool | None = None) -> VectorSource:
     """Encode directly with a loaded SentenceTransformer, prompting each kind as given; a progress bar as
     `progress` says, by default on a terminal only."""
-    shown = interactive() if progress is None else progress
+    shown = bars_shown(progress)
 
     def encode(texts: list[str], ids: list[str], kind: str) -> np.ndarray:
         return model.encode(texts, prompt=prompts.get(kind) or None, batch_size=batch_size,
