@@ -3,8 +3,9 @@ single-process sentence-transformers loop on the same texts, model and threads, 
 
     python bench/teacher_throughput.py [--texts 5000] [--rounds 2] [--threads 2]
 
-Steady state = rows after the first output batch / time from that batch to the last one (model load
-and pipeline start-up excluded); "with start-up" = all rows / wall time from the call to the end.
+Steady state = rows after the first batch (the plain loop) or the first chunk (the stage, by the times its actors
+finish each chunk) / the time from it to the last one: model load and pipeline start-up excluded; "with start-up"
+= all rows / wall time from the call to the end.
 Writes bench/results/teacher_throughput.json.
 """
 
@@ -109,10 +110,9 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "ray": ray.__version__},
         "mean_ratio_note": "ratios use the best round of each side; per-round ratios are listed too",
-        "steady_caveat": "the Ray side's steady rate starts at the first batch to reach the driver, which arrives "
-                         "after the pool has already processed several batches, so it overstates the stage; "
-                         "with_startup_ratio is the fair end-to-end comparison (and a lower bound for steady "
-                         "state, since the stage's start-up is the longer one)",
+        "steady_caveat": "the Ray side's steady rate is the stage's own: rows after its first chunk over the time "
+                         "from that chunk's end to the last one's, as the actors stamp them (the plain loop's "
+                         "starts after its first batch); with_startup_ratio includes the pool's start-up",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "teacher_throughput.json"

@@ -13,7 +13,7 @@ import pytest
 
 from .conftest import REPO
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]  # a whole benchmark script, in a subprocess
 
 # Runs the script as __main__ with `import ray` made to fail, so any Ray import on the way breaks the run.
 NO_RAY = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = ['bench/gpu_check.py', *sys.argv[1:]]; "

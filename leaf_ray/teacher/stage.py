@@ -139,7 +139,8 @@ def cache_path_for(texts, teacher: TeacherConfig, cache_root: str | Path) -> Pat
 class CacheWriter:
     """Ray Data callable class over blocks sorted by chunk: embeds each whole chunk and writes its cache part
     itself, so no vector passes through the driver. Returns one small row per chunk for the driver's progress and
-    checks."""
+    checks, stamped with the time the chunk was done (a block can hold several chunks, and its rows reach the
+    driver together: the stamps, not their arrival, time the stage)."""
 
     def __init__(self, teacher: TeacherConfig, cache: TeacherCache, models: ModelStore):
         self.embedder = TeacherEmbedder(teacher, models)
@@ -154,7 +155,7 @@ class CacheWriter:
     def write(self, chunk: int, rows: pa.Table) -> pa.Table:
         if self.cache.chunk_ok(chunk):  # written by an earlier try of this task
             return pa.table({"chunk": [chunk], "rows": [len(rows)], "dim": [self.cache.part_width(chunk)],
-                             "written": [True], "truncated": [0]})
+                             "written": [True], "truncated": [0], "done_at": [time.time()]})
         # Sorted by kind and length, so each forward batch has one prompt and little padding.
         rows = rows.append_column("_len", pc.utf8_length(rows.column("text"))).sort_by(
             [("kind", "ascending"), ("_len", "ascending")])
@@ -170,7 +171,7 @@ class CacheWriter:
         if written:
             self.cache.write_chunk(chunk, *(columns[name].tolist() for name in ("id", "text", "kind")), vectors)
         return pa.table({"chunk": [chunk], "rows": [len(rows)], "dim": [dim], "written": [written],
-                         "truncated": [truncated]})
+                         "truncated": [truncated], "done_at": [time.time()]})
 
 
 def build_cache(texts, teacher: TeacherConfig, cache_root: str | Path | StoragePath,
@@ -212,8 +213,9 @@ def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_ro
                          models: ModelStore, started: float) -> dict:
     """Run the teacher pool over the missing chunks and check each chunk's record as it arrives.
 
-    Returns timing stats: `first_output_s` (start-up: planning, grouping, pool scheduling, teacher load and the
-    first chunk) and `steady_rows_per_s` (rows after the first chunk over the time after it).
+    Returns timing stats from the times the actors finished each chunk: `first_output_s` (start-up: planning,
+    grouping, pool scheduling, teacher load and the first chunk) and `steady_rows_per_s` (rows after the first
+    chunk over the time from it to the last).
     """
     import ray
 
@@ -231,7 +233,7 @@ def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_ro
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=teacher.min_actors, max_size=teacher.max_actors),
         num_cpus=teacher.num_cpus_per_actor, num_gpus=teacher.num_gpus_per_actor, **_placement(teacher))
-    truncated, done, first = 0, set(), None
+    truncated, done, finished = 0, set(), []
     with Progress(todo_rows, f"teacher {teacher.model}") as bar:
         for record in records.iter_rows():
             cache.set_dim(record["dim"])  # refuses a teacher whose width changed, before anything is counted
@@ -241,14 +243,14 @@ def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_ro
             done.add(record["chunk"])
             truncated += record["truncated"]
             bar.update(record["rows"])
-            first = first or (time.time(), record["rows"])
+            finished.append((record["done_at"], record["rows"]))
     if len(done) != len(missing):
         raise RuntimeError(f"teacher stage ended with chunks {sorted(set(missing) - done)[:10]} not written")
-    end = time.time()
-    steady_s = end - first[0]
-    return {"truncated_texts": truncated, "seconds": round(end - started, 3),
-            "first_output_s": round(first[0] - started, 3),
-            "steady_rows_per_s": round((todo_rows - first[1]) / steady_s, 2) if steady_s > 0 else None}
+    (first_at, first_rows), last_at = min(finished), max(finished)[0]
+    steady_s = last_at - first_at
+    return {"truncated_texts": truncated, "seconds": round(time.time() - started, 3),
+            "first_output_s": round(first_at - started, 3),
+            "steady_rows_per_s": round((todo_rows - first_rows) / steady_s, 2) if steady_s > 0 else None}
 
 
 def write_partitions(chunks: int, rows: int, actors: int) -> int:
