@@ -172,6 +172,18 @@ def job_log(result: dict) -> list[str]:
                         "repeated lines"], rows)]
 
 
+def compare_runs(result: dict) -> list[str]:
+    a, b = result["labels"]
+    rows = [[name, _n(pair["a"], 6), _n(pair["b"], 6), f"{pair['abs_diff']:.2g}"]
+            for name, pair in result["differ"].items()]
+    missing = [f"only in {label}: {', '.join(names)}" for label, names in ((a, result["only_in_a"]),
+                                                                          (b, result["only_in_b"])) if names]
+    return [(f"{a} vs {b}: {result['equal_within_atol']} of {result['compared']} figures equal within "
+             f"{result['atol']:g}; largest difference {result['max_abs_diff']:.2g} ({result['max_abs_diff_at']})."
+             + "".join(f" {line}." for line in missing)),
+            *(["", rows_table(["figure", a, b, "difference"], rows)] if rows else [])]
+
+
 def scalars(result: dict) -> list[str]:
     rows = [[key, _n(value, 2)] for key, value in result.items() if isinstance(value, int | float | str | bool)]
     return [rows_table(["figure", "value"], rows)]
@@ -190,6 +202,8 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict], list[str]]]] = {
     "scale": ("Scale: the data path from 250k to 2M texts", "python bench/scale.py", scale),
     "job_log": ("A submitted job's log", "python bench/job_log.py --label <checkout> [--working-dir <checkout>]",
                 job_log),
+    "compare_runs": ("Same results before and after a change",
+                     "python bench/compare_runs.py <a>/results.json <b>/results.json --labels <a> <b>", compare_runs),
 }
 ORDER = list(SECTIONS)
 

@@ -114,6 +114,28 @@ def test_the_run_is_tracked_in_mlflow_as_its_metrics_log_says(finished_run):
     assert {"config.json", "results.json", "student"} <= artifacts
 
 
+def test_compare_runs_finds_a_run_equal_to_itself_and_names_what_moved(finished_run, tmp_path):
+    tmp, _, _ = finished_run
+    results = tmp / "runs" / "tiny" / "results.json"
+    same, _ = run_in_process("bench/compare_runs.py", str(results), str(results), "--out", str(tmp_path / "same.json"))
+    assert same["compared"] > 20 and same["differ"] == {} and same["max_abs_diff"] == 0.0
+    changed = json.loads(results.read_text())
+    dropped = changed["records"].pop()
+    changed["records"][0]["value"] += 1e-3
+    changed["meta"]["train"]["val_cosine"] += 1e-7  # within the tolerance: float summation order
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    with pytest.raises(SystemExit) as exited:
+        run_in_process("bench/compare_runs.py", str(results), str(tmp_path / "changed.json"),
+                       "--out", str(tmp_path / "changed-report.json"))
+    assert exited.value.code == 1
+    report = json.loads((tmp_path / "changed-report.json").read_text())
+    name = "/".join(str(changed["records"][0][k]) for k in ("dataset", "split", "task", "mode", "dims",
+                                                              "quantization", "metric"))
+    assert list(report["differ"]) == [name] and len(report["only_in_a"]) == 1
+    assert report["only_in_a"][0].endswith(f"/{dropped['quantization']}/{dropped['metric']}")
+    assert report["max_abs_diff"] == pytest.approx(1e-3)
+
+
 def test_rerun_refuses_finished_run_and_new_name_reuses_cache(finished_run):
     tmp, config, _ = finished_run
     manifests = list((tmp / "cache" / "teacher").rglob("manifest.json"))
