@@ -110,7 +110,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "ray": ray.__version__},
         "mean_ratio_note": "ratios use the best round of each side; per-round ratios are listed too",
-        "steady_caveat": "the Ray side's steady rate is the stage's own: rows after its first chunk over the time "
+        "steady_caveat": "The Ray side's steady rate is the stage's own: rows after its first chunk over the time "
                          "from that chunk's end to the last one's, as the actors stamp them (the plain loop's "
                          "starts after its first batch); with_startup_ratio includes the pool's start-up",
     }
