@@ -129,8 +129,7 @@ def test_compare_runs_finds_a_run_equal_to_itself_and_names_what_moved(finished_
                        "--out", str(tmp_path / "changed-report.json"))
     assert exited.value.code == 1
     report = json.loads((tmp_path / "changed-report.json").read_text())
-    name = "/".join(str(changed["records"][0][k]) for k in ("dataset", "split", "task", "mode", "dims",
-                                                              "quantization", "metric"))
+    name = "/".join(str(changed["records"][0][k]) for k in load_script("bench/compare_runs.py").RECORD_KEY)
     assert list(report["differ"]) == [name] and len(report["only_in_a"]) == 1
     assert report["only_in_a"][0].endswith(f"/{dropped['quantization']}/{dropped['metric']}")
     assert report["max_abs_diff"] == pytest.approx(1e-3)
