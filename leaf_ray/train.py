@@ -26,6 +26,7 @@ exported to the run's local working copy (leaf_ray.runs.RunFolder) and uploaded,
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -448,12 +449,16 @@ def prepare_initial_student(cfg: RunConfig, teacher_dim: int, train) -> StorageP
 def make_trainer(cfg: RunConfig, train_ds, loop_config: dict, callbacks=()):
     """A TorchTrainer: DDP over gloo (CPU) or NCCL (GPU), one shard of `train_ds` per worker. `callbacks`: Ray
     Train UserCallbacks (a sweep passes Tune's TuneReportCallback)."""
-    import ray
+    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     tc = cfg.train
     use_gpu = tc.gpus_per_worker > 0
+    # Blocks reach the workers in the dataset's own (seeded) order rather than as read tasks finish, so the
+    # same config trains on the same batches however its tasks are scheduled.
+    ingest = copy.deepcopy(ray.data.DataContext.get_current().execution_options)  # Train's ingest defaults
+    ingest.preserve_order = True
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if use_gpu else {}),
                  **tc.resources_per_worker}
     return TorchTrainer(
@@ -468,6 +473,7 @@ def make_trainer(cfg: RunConfig, train_ds, loop_config: dict, callbacks=()):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             callbacks=list(callbacks)),
         datasets={"train": train_ds},
+        dataset_config=ray.train.DataConfig(execution_options={"train": ingest}),
     )
 
 
