@@ -233,6 +233,9 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=32, gt=0)  # per worker
     lr: float = Field(default=1e-4, gt=0)
+    head_lr: float | None = Field(default=None, gt=0)  # the projection head's own learning rate; None: train.lr
+    # Train only the projection head for this many first steps (the encoder's lr held at 0), then everything.
+    head_only_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
     schedule: Literal["constant", "linear", "cyclic_linear"] = "linear"
@@ -350,6 +353,9 @@ class SweepConfig(_Section):
     validation_max_queries: int | None = Field(default=200, gt=0)
     validation_max_corpus: int | None = Field(default=1000, gt=0)  # judged documents are always kept
     quality_mode: Literal["student", "asymmetric"] = "student"  # the Pareto front's quality axis
+    # Which students are exported and scored on evaluate.split after the tuner: the Pareto front's, or every
+    # evaluated one (an ablation's table; selection still uses validation_split only).
+    test_scores: Literal["front", "all"] = "front"
     speed_metric: Literal["docs_per_s", "queries_per_s"] = "docs_per_s"  # the Pareto front's speed axis
     # Logical CPUs of a Tune trial (the Ray Train driver, which also evaluates its student); training workers
     # ask train.cpus_per_worker / gpus_per_worker on top. Fractional on small machines, so Ray Data keeps CPUs.

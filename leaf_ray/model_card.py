@@ -28,8 +28,8 @@ TAGS = ["sentence-transformers", "feature-extraction", "leaf", "distillation"]
 EXAMPLE_TEXTS = ['queries = ["what does vitamin C do?"]',
                  'documents = ["Vitamin C is an antioxidant found in citrus fruit."]', ""]
 # The train config keys a card lists (the rest are placement and logging).
-RECIPE_KEYS = ("epochs", "max_steps", "batch_size", "num_workers", "lr", "schedule", "warmup_steps", "min_lr_ratio",
-               "weight_decay", "grad_clip", "seed")
+RECIPE_KEYS = ("epochs", "max_steps", "batch_size", "num_workers", "lr", "head_lr", "head_only_steps", "schedule",
+               "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "seed")
 
 
 def hub_id(name: str | None) -> str | None:
@@ -104,7 +104,7 @@ def _training(manifest: dict, data: DataConfig | None) -> list[str]:
              f"{student['max_length']} tokens (the teacher's: {teacher['max_length']})."]
     train = manifest.get("train")
     if train:
-        recipe = ", ".join(f"{key}={train[key]}" for key in RECIPE_KEYS)
+        recipe = ", ".join(f"{key}={train[key]}" for key in RECIPE_KEYS if key in train)  # older runs lack some
         lines.append(f"- Objective: {train['loss']} distance to the teacher's normalised vector of each text (no "
                      f"labels); train config: {recipe}.")
     done = results.get("train") or {}

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sentence_transformers.sentence_transformer.modules import Dense
 
 from leaf_ray.config import RunConfig, TrainConfig
 from leaf_ray.errors import LeafRayError
@@ -90,18 +91,35 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, cycles: int = 1
     return floor + (1.0 - floor) * max(0.0, 1.0 - progress)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; biases and norm weights (1-d) get no weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters in four groups: the encoder's and the projection head's (at
+    `train.head_lr`, default `train.lr`), each split into matrices with weight decay and 1-d parameters (biases,
+    norm weights) without. The groups' `part` names what each is, for make_scheduler."""
+    head = {id(p) for module in model if isinstance(module, Dense) for p in module.parameters()}
+    groups = []
+    for part, lr in (("encoder", cfg.lr), ("head", cfg.head_lr or cfg.lr)):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in head) == (part == "head")]
+        groups += [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr": lr,
+                    "part": part},
+                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr, "part": part}]
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_factor, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule, cycles=cfg.cycles,
-        floor=cfg.min_lr_ratio))
+    """The schedule over all steps for the head; the encoder holds still (lr 0) for `train.head_only_steps` and
+    then runs the same schedule over the steps left, warmup included."""
+    head = partial(lr_factor, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule, cycles=cfg.cycles,
+                   floor=cfg.min_lr_ratio)
+    hold = cfg.head_only_steps
+    encoder = partial(held_lr_factor, hold=hold, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule,
+                      cycles=cfg.cycles, floor=cfg.min_lr_ratio) if hold else head
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [head if group["part"] == "head" else encoder for group in optimizer.param_groups])
+
+
+def held_lr_factor(step: int, hold: int, total: int, **schedule) -> float:
+    """lr_factor started `hold` steps late (0 until then)."""
+    return 0.0 if step < hold else lr_factor(step - hold, max(total - hold, 1), **schedule)
 
 
 def worker_threads(cfg: TrainConfig) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,9 +13,9 @@ import torch
 
 from leaf_ray.config import RunConfig, StorageConfig, StudentConfig, TrainConfig
 from leaf_ray.inputs import TrainingInputs, split_table
-from leaf_ray.student import load_student, read_manifest
-from leaf_ray.train import (TrainError, leaf_loss, length_grouped_batches, lr_factor, state_digest, total_steps,
-                            train_student)
+from leaf_ray.student import build_student, load_student, read_manifest
+from leaf_ray.train import (TrainError, leaf_loss, length_grouped_batches, lr_factor, make_optimizer, make_scheduler,
+                            state_digest, total_steps, train_student)
 
 from .conftest import tiny_teacher_config
 
@@ -65,6 +66,32 @@ def test_schedules():
     paper = [lr_factor(s, 30, 0, "cyclic_linear", cycles=3, floor=0.1) for s in range(30)]
     assert paper[0] == paper[10] == paper[20] == 1.0 and paper[9] == paper[19] == paper[29] == pytest.approx(0.19)
     assert min(paper) > 0.1 and lr_factor(10, 10, 0, "linear", floor=0.1) == pytest.approx(0.1)
+
+
+def test_the_head_has_its_own_lr_and_can_train_alone_first(tiny_teacher):
+    student = StudentConfig(kind="teacher_layers", layers=[0], max_length=64, projection_init="random")
+    model = build_student(student, tiny_teacher_config(tiny_teacher), 48)
+    cfg = TrainConfig(lr=1e-4, head_lr=1e-3, head_only_steps=3, warmup_steps=2, schedule="linear", weight_decay=0.1)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps=10)
+    head = {id(p) for p in model[2].parameters()}  # the Dense projection
+    grouped = [(id(p), group["part"]) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(i for i, _ in grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    assert all((part == "head") == (i in head) for i, part in grouped) and len(head) == 2
+    encoder = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+    lrs = {"encoder": [], "head": []}
+    for step in range(10):
+        for group in optimizer.param_groups[::2]:  # one group of each part's pair
+            lrs[group["part"]].append(group["lr"])
+        before = [p.detach().clone() for p in encoder]
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        scheduler.step()
+        moved = any(not torch.equal(a, p) for a, p in zip(before, encoder))
+        assert moved == (step >= 3), step  # weight decay included: lr 0 leaves the encoder as it is
+    assert lrs["head"][:4] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3 * 7 / 8])  # warmup, then decay over 10 steps
+    assert lrs["encoder"][:7] == pytest.approx([0, 0, 0, 5e-5, 1e-4, 1e-4, 8e-5])  # held, then the same over 7
 
 
 def test_total_steps_and_error_names_fields():
@@ -178,6 +205,30 @@ def test_stream_mode_learns_like_cache_mode(cache_runs, tiny_teacher, tiny_cache
     reference = {r["step"]: r["loss"] for r in cache if r["event"] == "log"}
     assert logged.keys() == reference.keys()
     assert all(logged[s] == pytest.approx(reference[s], rel=0.5) for s in logged)
+
+
+def _held_back(batch: dict, late_id: str) -> dict:
+    """Finishes the block holding `late_id` last, as a slow read task on a busy node would."""
+    if late_id in batch["id"]:
+        time.sleep(3)
+    return batch
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.e2e
+def test_the_same_config_trains_on_the_same_batches_however_its_tasks_finish(ray_local, tiny_teacher, tiny_cache,
+                                                                             tmp_path):
+    train, val = split(tiny_cache)
+    inputs = TrainingInputs.in_memory(train, val, 32, seed=0)
+    blocks = inputs.train.repartition(6)  # six map tasks, run side by side
+    first_id = train.column("id")[int(np.random.default_rng(0).permutation(len(train))[0])].as_py()  # in_memory's
+    order = []
+    for name, late_id in (("on-time", None), ("late-first-block", first_id)):
+        late = blocks.map_batches(_held_back, fn_kwargs={"late_id": late_id}, batch_size=None, num_cpus=0.1)
+        cfg = make_config(tmp_path, tiny_teacher, name, num_workers=1, max_steps=6, shuffle_buffer_rows=0)
+        result = train_student(cfg, TrainingInputs(late, inputs.val, 32, inputs.train_rows), trace_ids=True)
+        order.append(result.ids_by_rank[0])
+    assert len(order[0]) == 6 * 16 and order[0] == order[1]  # the late block is waited for, not overtaken
 
 
 def test_length_grouped_batches_keep_every_row_once_and_cut_padding():
