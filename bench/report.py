@@ -184,6 +184,23 @@ def compare_runs(result: dict) -> list[str]:
             *(["", rows_table(["figure", a, b, "difference"], rows)] if rows else [])]
 
 
+def ablations(result: dict) -> list[str]:
+    arms = result["arms"]
+    rows = [[row["arm"], ", ".join(f"{k}={v}" for k, v in arms.get(row["arm"], {}).items()) or "baseline",
+             row["status"], row["steps"], _n(row["val_cosine"], 4),
+             *(_n(row[f"{split}_{mode}_ndcg_at_10"], 4) for split in ("validation", "test")
+               for mode in ("standard", "asymmetric")), _n(row["train_seconds"])] for row in result["rows"]]
+    teacher, train = result["teacher"], result["baseline_train"]
+    return [(f"Teacher {result['teacher_model']}; text mix {result['text_mix']}; baseline train: epochs "
+             f"{train['epochs']}, lr {train['lr']}, {train['schedule']} (cycles {train['cycles']}, floor "
+             f"{train['min_lr_ratio']}), batch {train['batch_size']}, length groups {train['length_group_batches']}. "
+             f"Teacher nDCG@10: validation {_n(teacher['validation_ndcg_at_10'], 4)}, test "
+             f"{_n(teacher['test_ndcg_at_10'], 4)}. One trial at a time; train s is the trial's training call."), "",
+            rows_table(["arm", "change", "status", "steps", "val cosine", "validation standard",
+                        "validation asymmetric", "test standard", "test asymmetric", "train s"], rows),
+            f"Chosen on validation (asymmetric nDCG@10): {result['chosen_on_validation']}."]
+
+
 def scalars(result: dict) -> list[str]:
     rows = [[key, _n(value, 2)] for key, value in result.items() if isinstance(value, int | float | str | bool)]
     return [rows_table(["figure", "value"], rows)]
@@ -202,6 +219,8 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict], list[str]]]] = {
     "scale": ("Scale: the data path from 250k to 2M texts", "python bench/scale.py", scale),
     "job_log": ("A submitted job's log", "python bench/job_log.py --label <checkout> [--working-dir <checkout>]",
                 job_log),
+    "ablations": ("Ablations: the training recipe one factor at a time", "python bench/ablations.py [--config <config>]",
+                  ablations),
     "compare_runs": ("Same results before and after a change",
                      "python bench/compare_runs.py <a>/results.json <b>/results.json --labels <a> <b>", compare_runs),
 }

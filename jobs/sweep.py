@@ -48,10 +48,12 @@ def main(argv=None) -> dict:
     points = sweep_points(cfg, trials, speed)
     front = front_of(points)
     with run.stage("test"):
-        tested = export_front(run, trials, points, front, speed)
+        tested = export_front(run, trials, points, front if cfg.sweep.test_scores == "front" else range(len(points)),
+                              speed)
 
     meta = {"teacher": cfg.teacher.model, "text_mix": mix.as_dict(), "trials": len(trials),
-            "evaluated": sum(t["status"] == "evaluated" for t in trials), "pareto_students": len(tested),
+            "evaluated": sum(t["status"] == "evaluated" for t in trials),
+            "pareto_students": len({points[i]["trial_id"] for i in front}), "tested_students": len(tested),
             "placement_groups_left": leftover, "stage_seconds": run.stage_seconds}
     paths = write_sweep_report(cfg, trials, reference, speed, points, front, tested, meta)
     if run.tracked is not None:

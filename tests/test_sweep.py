@@ -33,7 +33,7 @@ from leaf_ray.sweep import (
     trial_resources,
 )
 from leaf_ray.sweep.validation import TRIAL_MODES, mean_metric
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 from tests.test_distill import run_job, tiny_run_config
 
 # -- the search space and the front (no Ray) -----------------------------------------------------------------
@@ -109,10 +109,11 @@ def test_a_restart_with_another_config_is_refused(tmp_path):
 
 
 # -- a real sweep, interrupted and continued ---------------------------------------------------------------------
-# 3 trials, one at a time so ASHA's decisions are deterministic: Tune's grid runs the students l02, l13 and lr5
-# (l02 at lr 5.0) in that order, each with the grid's one weight decay. The first run is stopped after l02; the
-# restored scheduler starts with empty rungs, so l13 runs to the end, and lr5, wrecked by its lr within 6 steps, is
-# stopped at ASHA's first rung (step 6) against l13. 18 steps per trial.
+# 3 trials, one at a time: Tune's grid runs the students l02, l13 and lr5 (l02's layers at lr 5.0) in that order,
+# each with the grid's one weight decay. The first run is stopped after l02. l13 trains at lr 1e-5, so it stays at its
+# lstsq start and beats l02 at every rung whether or not the restored scheduler has seen l02's results (it has when
+# the SIGINT fell between l02's trial.json and its report to Tune); lr5, wrecked by its lr within 6 steps, is
+# stopped at ASHA's first rung (step 6). 18 steps per trial.
 
 SWEEP = "tiny-sweep"
 
@@ -124,11 +125,13 @@ def tiny_sweep_config(tmp: Path, teacher: Path) -> Path:
     config["evaluate"].update(sts=None, dims=[16], quantizations=["float32", "binary"], max_corpus=150,
                               max_queries=20, throughput_samples=16)
     config["train"]["lr"] = 1e-3
-    config["sweep"] = {"students": {"l02": {"student.layers": [0, 2]}, "l13": {"student.layers": [1, 3]},
+    config["sweep"] = {"students": {"l02": {"student.layers": [0, 2]},
+                                    "l13": {"student.layers": [1, 3], "train.lr": 1e-5},
                                     "lr5": {"student.layers": [0, 2], "train.lr": 5.0}},
                        "grid": {"train.weight_decay": [0.01]}, "validation_max_queries": 20,
                        "validation_max_corpus": 150,
-                       "max_concurrent_trials": 1, "asha": {"grace_period_steps": 6, "reduction_factor": 2}}
+                       "max_concurrent_trials": 1, "asha": {"grace_period_steps": 6, "reduction_factor": 2},
+                       "test_scores": "all"}
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -214,7 +217,7 @@ def test_every_trial_is_reported_and_asha_stops_the_diverging_one(sweep):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.e2e
-def test_the_front_is_correct_and_exported_with_test_scores(sweep):
+def test_the_front_is_correct_and_every_evaluated_student_is_exported_with_test_scores(sweep):
     from sentence_transformers import SentenceTransformer
 
     points = sweep.report["points"]
@@ -227,9 +230,10 @@ def test_the_front_is_correct_and_exported_with_test_scores(sweep):
         beaten = any(all(a >= b for a, b in zip(axes(q), axes(p))) and axes(q) != axes(p) for q in points)
         assert p["pareto"] != beaten
     assert (sweep.folder / "pareto.png").stat().st_size > 0
-    exported = {p["trial_id"] for p in points if p["pareto"]}
-    assert exported == set(sweep.report["test"])
-    for trial_id in exported:
+    evaluated = {t["trial_id"] for t in sweep.report["trials"] if t["status"] == "evaluated"}
+    assert {p["trial_id"] for p in points if p["pareto"]} <= evaluated == set(sweep.report["test"])  # test_scores: all
+    assert sweep.report["meta"]["tested_students"] == len(evaluated) == 2
+    for trial_id in evaluated:
         out = sweep.folder / "pareto" / trial_id
         assert SentenceTransformer(str(out / "student"), device="cpu").encode(["gene study"]).shape == (1, 32)
         manifest = json.loads((out / "student" / "leaf_manifest.json").read_text())
@@ -275,10 +279,29 @@ def test_each_trial_is_an_mlflow_run_nested_under_the_sweep(sweep):
         trial = trials[trial_id]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == ("FINISHED" if trial["status"] == "evaluated" else "KILLED")
-        assert run.data.params["train.lr"] == json.dumps(5.0 if trial["params"]["student"] == "lr5" else 1e-3)
+        assert run.data.params["train.lr"] == json.dumps({"lr5": 5.0, "l13": 1e-5}.get(trial["params"]["student"], 1e-3))
         # the trial the first run's SIGINT cut off, and the one ASHA stopped, were each killed once mid-training
         kills = 0 if sweep.folder / "trials" / trial_id == sweep.finished else 1
         assert_tracked_as_logged(client, run.info.run_id, sweep.folder / "trials" / trial_id / "metrics.jsonl", kills)
         if trial["status"] == "evaluated":  # the validation scores the sweep ranked it by
             for mode in TRIAL_MODES:
                 assert run.data.metrics[f"val_ndcg_at_10_{mode}"] == mean_metric(trial["records"], mode, "ndcg_at_10")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.e2e
+def test_the_ablation_table_of_a_sweep(sweep):
+    ablations = load_script("bench/ablations.py")
+    config = yaml.safe_load((sweep.tmp / "tiny.yaml").read_text())
+    result = ablations.summarize(sweep.report, config, "python jobs/sweep.py --config config.yaml")
+    rows = {row["arm"]: row for row in result["rows"]}
+    assert set(rows) == set(config["sweep"]["students"]) == {"l02", "l13", "lr5"}
+    evaluated = [row for row in rows.values() if row["status"] == "evaluated"]
+    assert result["chosen_on_validation"] == max(evaluated, key=lambda r: r["validation_asymmetric_ndcg_at_10"])["arm"]
+    for row in evaluated:
+        trial = next(t for t in sweep.report["trials"] if t["trial_id"] == row["trial_id"])
+        assert row["val_cosine"] == trial["train"]["val_cosine"] and row["steps"] == 18 and row["train_seconds"] > 0
+        assert 0 < row["test_standard_ndcg_at_10"] <= 1 and 0 < row["test_asymmetric_ndcg_at_10"] <= 1
+    assert rows["lr5"]["test_standard_ndcg_at_10"] is None  # stopped by ASHA: never scored on test
+    assert 0 < result["teacher"]["test_ndcg_at_10"] <= 1 and 0 < result["teacher"]["validation_ndcg_at_10"] <= 1

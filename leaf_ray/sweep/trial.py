@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -52,11 +53,14 @@ def run_trial(params: dict, *, cfg_tree: dict, inputs) -> None:
     else:
         torch.set_num_threads(max(1, math.ceil(cfg.sweep.cpus_per_trial)))
         last_step = total_steps(cfg.train, inputs.train_rows)
+        started = time.monotonic()
         trained = run.train(inputs, callbacks=[AlignmentReportCallback(last_step)])
+        train_seconds = time.monotonic() - started
         sources = run.sources(trained.student_path)
         counts = read_manifest(trained.student_path)["param_counts"]
         summary = {"trial_id": cfg.name, "label": trial_label(cfg, params), "params": dict(params),
                    "student_path": str(trained.student_path), "param_counts": counts, "train": trained.metrics,
+                   "train_seconds": train_seconds,  # this run's training call (a resumed trial's last part)
                    "records": validation_records(cfg, sources, TRIAL_MODES)}
         summary_path.write_text(json.dumps(summary, indent=1, default=str))
     scores = {f"val_{QUALITY_METRIC}_{mode}": mean_metric(summary["records"], mode, QUALITY_METRIC)
