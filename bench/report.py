@@ -219,8 +219,8 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict], list[str]]]] = {
     "scale": ("Scale: the data path from 250k to 2M texts", "python bench/scale.py", scale),
     "job_log": ("A submitted job's log", "python bench/job_log.py --label <checkout> [--working-dir <checkout>]",
                 job_log),
-    "ablations": ("Ablations: the training recipe one factor at a time", "python bench/ablations.py [--config <config>]",
-                  ablations),
+    "ablations": ("Ablations: the training recipe one factor at a time",
+                  "python bench/ablations.py [--config <config>]", ablations),
     "compare_runs": ("Same results before and after a change",
                      "python bench/compare_runs.py <a>/results.json <b>/results.json --labels <a> <b>", compare_runs),
 }

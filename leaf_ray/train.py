@@ -108,18 +108,16 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule over all steps for the head; the encoder holds still (lr 0) for `train.head_only_steps` and
     then runs the same schedule over the steps left, warmup included."""
-    head = partial(lr_factor, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule, cycles=cfg.cycles,
-                   floor=cfg.min_lr_ratio)
-    hold = cfg.head_only_steps
-    encoder = partial(held_lr_factor, hold=hold, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule,
-                      cycles=cfg.cycles, floor=cfg.min_lr_ratio) if hold else head
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [head if group["part"] == "head" else encoder for group in optimizer.param_groups])
+    curve = dict(total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule, cycles=cfg.cycles,
+                 floor=cfg.min_lr_ratio)
+    factors = {"head": partial(held_lr_factor, hold=0, **curve),
+               "encoder": partial(held_lr_factor, hold=cfg.head_only_steps, **curve)}
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factors[group["part"]] for group in optimizer.param_groups])
 
 
-def held_lr_factor(step: int, hold: int, total: int, **schedule) -> float:
-    """lr_factor started `hold` steps late (0 until then)."""
-    return 0.0 if step < hold else lr_factor(step - hold, max(total - hold, 1), **schedule)
+def held_lr_factor(step: int, hold: int, total: int, **curve) -> float:
+    """lr_factor started `hold` steps late (0 until then); hold 0 is lr_factor itself."""
+    return 0.0 if step < hold else lr_factor(step - hold, max(total - hold, 1), **curve)
 
 
 def worker_threads(cfg: TrainConfig) -> int:

@@ -279,7 +279,8 @@ def test_each_trial_is_an_mlflow_run_nested_under_the_sweep(sweep):
         trial = trials[trial_id]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == ("FINISHED" if trial["status"] == "evaluated" else "KILLED")
-        assert run.data.params["train.lr"] == json.dumps({"lr5": 5.0, "l13": 1e-5}.get(trial["params"]["student"], 1e-3))
+        lr = {"lr5": 5.0, "l13": 1e-5}.get(trial["params"]["student"], 1e-3)
+        assert run.data.params["train.lr"] == json.dumps(lr)
         # the trial the first run's SIGINT cut off, and the one ASHA stopped, were each killed once mid-training
         kills = 0 if sweep.folder / "trials" / trial_id == sweep.finished else 1
         assert_tracked_as_logged(client, run.info.run_id, sweep.folder / "trials" / trial_id / "metrics.jsonl", kills)

@@ -63,10 +63,9 @@ def front_of(points: Sequence[dict]) -> list[int]:
 
 def export_front(run: LeafRun, rows: Sequence[dict], points: Sequence[dict], front: Sequence[int],
                  speed: Mapping[str, dict]) -> dict[str, list[dict]]:
-    """Export each student with a point in `front` (the Pareto front's indices into `points`, or all of them
-    with sweep.test_scores: all) like any run (`pareto/<trial>/student` + its manifest,
-    and the results.json / results.md / plots of its evaluation on `evaluate.split`); returns the test records
-    per trial id."""
+    """Export each student with a point in `front` (the Pareto front's indices into `points`, or all of them with
+    sweep.test_scores: all) like any run (`pareto/<trial>/student` + its manifest, and the results.json /
+    results.md / plots of its evaluation on `evaluate.split`); returns the test records per trial id."""
     cfg, by_id, tested = run.cfg, {row["trial_id"]: row for row in rows}, {}
     for trial_id in dict.fromkeys(points[i]["trial_id"] for i in front):
         row, out = by_id[trial_id], sweep_dir(cfg) / FRONT_DIR / trial_id
