@@ -259,6 +259,9 @@ class TrainConfig(_Section):
     # Batches cut from one length-sorted pool of shuffled rows (less padding: see train.length_grouped_batches);
     # 0 or 1: plain batches in shuffle order.
     length_group_batches: int = Field(default=16, ge=0)
+    # Each batch's forward pass as up to this many length-sorted sub-batches, each padded to its own longest text
+    # (train.forward_by_length): random batches at close to grouped speed. 1: the batch padded as one.
+    padding_buckets: int = Field(default=1, gt=0)
     # Placement on heterogeneous clusters, as for the teacher: the GPU model the workers need (Ray's
     # accelerator_type: "A100", "H100", ...) and custom resources per worker ({"train_pool": 1}). Unset: any node.
     accelerator_type: str | None = None

@@ -130,7 +130,7 @@ def train_step(model, forward, batch: TeacherRows, optimizer, scheduler, cfg: Tr
     """One optimiser step on a batch; `forward` is the model or its DDP wrapper. Returns the loss."""
     teacher = torch.tensor(batch.vectors, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        student = forward_texts(model, batch.texts, batch.kinds, forward)
+        student = forward_by_length(model, batch.texts, batch.kinds, forward, cfg.padding_buckets)
     loss = leaf_loss(student, teacher, cfg.loss)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -139,6 +139,46 @@ def train_step(model, forward, batch: TeacherRows, optimizer, scheduler, cfg: Tr
     optimizer.step()
     scheduler.step()
     return loss.item()
+
+
+def forward_by_length(model, texts: list[str], kinds: list[str], forward, buckets: int) -> torch.Tensor:
+    """The batch's student vectors, in batch order, computed as up to `buckets` length-sorted sub-batches each
+    padded to its own longest text.
+
+    The loss and its gradient are those of the whole batch (the vectors are joined before the loss), so a random
+    batch of queries and documents keeps its mixed gradient while its queries stop paying for the documents'
+    padding. DDP sees one forward through its wrapper per step; the other sub-batches run the bare module, whose
+    parameters' gradients the one backward still reduces.
+    """
+    if buckets <= 1 or len(texts) <= 1:
+        return forward_texts(model, texts, kinds, forward)
+    parts = length_buckets([len(t) for t in texts], buckets)
+    vectors = [forward_texts(model, [texts[i] for i in part], [kinds[i] for i in part], forward if n == 0 else model)
+               for n, part in enumerate(parts)]
+    inverse = torch.from_numpy(np.argsort(np.concatenate(parts), kind="stable")).to(vectors[0].device)
+    return torch.cat(vectors)[inverse]
+
+
+def length_buckets(lengths, buckets: int) -> list[np.ndarray]:
+    """Row indices split into at most `buckets` runs of the length-sorted rows, chosen to minimise the padded
+    size (rows x longest length, summed over runs) by dynamic programming over the cut points."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    longest = np.asarray(lengths, dtype=np.float64)[order]  # a run ending at row j pads to longest[j]
+    n, k = len(order), min(buckets, len(order))
+    cost = np.full((k + 1, n + 1), np.inf)
+    cut = np.zeros((k + 1, n + 1), dtype=np.int64)
+    cost[0, 0] = 0.0
+    starts = np.arange(n)
+    for runs in range(1, k + 1):
+        for end in range(1, n + 1):
+            options = cost[runs - 1, :end] + (end - starts[:end]) * longest[end - 1]
+            cut[runs, end] = int(np.argmin(options))
+            cost[runs, end] = options[cut[runs, end]]
+    runs, end, parts = int(np.argmin(cost[1:, n])) + 1, n, []
+    while end > 0:
+        parts.append(order[cut[runs, end]:end])
+        end, runs = cut[runs, end], runs - 1
+    return parts[::-1]
 
 
 @torch.no_grad()

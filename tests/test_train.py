@@ -14,16 +14,16 @@ import torch
 from leaf_ray.config import RunConfig, StorageConfig, StudentConfig, TrainConfig
 from leaf_ray.inputs import TrainingInputs, split_table
 from leaf_ray.student import build_student, load_student, read_manifest
-from leaf_ray.train import (TrainError, leaf_loss, length_grouped_batches, lr_factor, make_optimizer, make_scheduler,
-                            state_digest, total_steps, train_student)
+from leaf_ray.train import (TrainError, forward_by_length, leaf_loss, length_buckets, length_grouped_batches, lr_factor,
+                            make_optimizer, make_scheduler, state_digest, total_steps, train_student)
 
-from .conftest import tiny_teacher_config
+from .conftest import random_texts, tiny_teacher_config
 
 
 def make_config(tmp_path: Path, teacher_dir: Path, name: str, **train) -> RunConfig:
     train = {"batch_size": 16, "lr": 1e-3, "epochs": 2, "num_workers": 2, "cpus_per_worker": 0.5,
              "torch_threads": 1, "log_every_steps": 5, "shuffle_buffer_rows": 64, "schedule": "constant",
-             "warmup_steps": 10, **train}
+             "warmup_steps": 10, "padding_buckets": 2, **train}  # two forwards per step under DDP
     return RunConfig(
         name=name,
         teacher=tiny_teacher_config(teacher_dir, num_cpus_per_actor=0.5),
@@ -92,6 +92,43 @@ def test_the_head_has_its_own_lr_and_can_train_alone_first(tiny_teacher):
         assert moved == (step >= 3), step  # weight decay included: lr 0 leaves the encoder as it is
     assert lrs["head"][:4] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3 * 7 / 8])  # warmup, then decay over 10 steps
     assert lrs["encoder"][:7] == pytest.approx([0, 0, 0, 5e-5, 1e-4, 1e-4, 8e-5])  # held, then the same over 7
+
+
+def test_length_buckets_pad_least_and_keep_every_row_once():
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        lengths = rng.integers(1, 300, rng.integers(1, 11))
+        buckets = int(rng.integers(1, 5))
+        parts = length_buckets(lengths, buckets)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(len(lengths))) and len(parts) <= buckets
+
+        def padded(groups):
+            return sum(len(g) * max(g) for g in groups if len(g))
+        ordered = sorted(lengths.tolist())
+        best = min(padded([ordered[a:b] for a, b in zip((0, *cuts), (*cuts, len(ordered)))])
+                   for n in range(min(buckets, len(ordered)))
+                   for cuts in itertools.combinations(range(1, len(ordered)), n))
+        assert padded([lengths[p].tolist() for p in parts]) == best, trial
+
+
+def test_a_bucketed_forward_gives_the_whole_batch_its_vectors_and_gradients(tiny_teacher):
+    student = StudentConfig(kind="teacher_layers", layers=[0, 1], max_length=64, projection_init="random")
+    model = build_student(student, tiny_teacher_config(tiny_teacher), 48).eval()  # no dropout: equal up to rounding
+    texts = random_texts(24, seed=3, min_words=1, max_words=40)
+    kinds = ["query" if len(t) < 60 else "document" for t in texts]
+    target = torch.nn.functional.normalize(torch.randn(24, 48), dim=-1)
+    results = []
+    for buckets in (1, 4):
+        model.zero_grad()
+        vectors = forward_by_length(model, texts, kinds, model, buckets)
+        leaf_loss(vectors, target).backward()
+        results.append((vectors.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (whole, whole_grads), (bucketed, bucketed_grads) = results
+    assert torch.allclose(whole, bucketed, atol=1e-5)  # each row back in its place
+    assert len(whole_grads) == len(bucketed_grads) > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole_grads, bucketed_grads))
 
 
 def test_total_steps_and_error_names_fields():
