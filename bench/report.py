@@ -134,13 +134,15 @@ def teacher_stage(result: dict) -> list[str]:
 
 
 def teacher_backends(result: dict) -> list[str]:
-    rows = [[name, _n(run["steady_rows_per_s"]), _n(run["with_startup_rows_per_s"]),
-             _n(result["steady_vs_transformers"][name], 2), _n(result["min_cosine_vs_transformers"][name], 6),
-             _n(run.get("load_avg_after"))] for name, run in result["runs"].items()]
-    return [(f"{result['model']}, {result['texts']} texts, max length {result['max_length']}, {result['threads']} "
-             "threads, one run each."), "",
-            rows_table(["backend", "steady rows/s", "rows/s with start-up", "vs transformers", "min cosine",
-                        "load after"], rows), result.get("note", "")]
+    rows = [[name, _n(result["median_steady_rows_per_s"][name]), _n(result["steady_vs_transformers"][name], 2),
+             _n(result["with_startup_vs_transformers"][name], 2), _n(result["min_cosine_vs_transformers"][name], 6)]
+            for name in result["runs"]]
+    prepared = ", ".join(f"{k} {v}" for k, v in result["prepared_before_rounds"].items())
+    return [(f"{result['model']}, {result['texts']} texts ({result['documents']} documents), max length "
+             f"{result['max_length']} for every backend, {result['threads']} threads, median of {result['rounds']} "
+             f"alternating rounds" + (f"; before the rounds: {prepared}" if prepared else "") + "."), "",
+            rows_table(["backend", "steady rows/s", "steady vs transformers", "with start-up vs transformers",
+                        "min cosine"], rows)]
 
 
 def train_throughput(result: dict) -> list[str]:

@@ -143,7 +143,9 @@ class EndpointOptions(_Section):
 
 class TeacherConfig(_Section):
     model: str = "sentence-transformers/all-MiniLM-L6-v2"
-    backend: Literal["transformers", "vllm", "endpoint"] = "transformers"
+    # transformers: PyTorch; onnx: the fused ONNX graph on CPU (faster there, checked against PyTorch first);
+    # vllm: a vLLM engine in each actor; endpoint: an OpenAI-compatible /v1/embeddings server.
+    backend: Literal["transformers", "onnx", "vllm", "endpoint"] = "transformers"
     query_prompt: str = ""
     document_prompt: str = ""
     max_length: int = Field(default=256, gt=0)
@@ -176,6 +178,9 @@ class TeacherConfig(_Section):
 
     @model_validator(mode="after")
     def _backend_options(self) -> TeacherConfig:
+        if self.backend == "onnx" and (self.num_gpus_per_actor > 0 or self.dtype not in ("auto", "float32")):
+            raise ValueError("teacher.backend 'onnx' runs float32 on CPU: set num_gpus_per_actor: 0 and dtype: auto "
+                             "(or use the transformers or vllm backend on GPUs)")
         if self.backend == "endpoint" and not self.endpoint.base_url:
             raise ValueError("teacher.endpoint.base_url is required when teacher.backend is 'endpoint'")
         if self.backend == "vllm":

@@ -90,8 +90,8 @@ def _is_reassembled(target: Path, digest: str, required: tuple[str, ...]) -> boo
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """An inter-process lock (several Ray actors may resolve the same bundled model at once)."""
+def exclusive(lock_path: Path):
+    """An inter-process lock (several Ray actors may unpack or export the same model at once)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock, reassembly stays atomic per process
@@ -115,7 +115,7 @@ def reassemble_split_zip(parts: list[Path], target: Path, required: tuple[str, .
     if _is_reassembled(target, digest, required):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target.parent / f".{target.name}.lock"):
+    with exclusive(target.parent / f".{target.name}.lock"):
         if _is_reassembled(target, digest, required):  # another process finished it while we waited
             return target
         return _reassemble(parts, target, required, digest)

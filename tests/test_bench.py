@@ -171,6 +171,21 @@ def test_serving_script_writes_speedups_agreement_and_physical_limit(serving_res
     assert serving_result.with_suffix(".png").stat().st_size > 0
 
 
+@pytest.mark.timeout(400)
+@pytest.mark.e2e
+def test_teacher_backends_script_runs_onnx_beside_pytorch_in_alternating_rounds(tiny_teacher, tmp_path):
+    out = tmp_path / "backends.json"
+    run_script("bench/teacher_backends.py", "--model", str(tiny_teacher), "--texts", "60", "--rounds", "2",
+               "--threads", "1", "--max-length", "64", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert {name: [run["round"] for run in runs] for name, runs in report["runs"].items()} == {
+        "transformers": [0, 1], "onnx": [0, 1]}
+    assert all(run["rows"] == report["texts"] == 60 for runs in report["runs"].values() for run in runs)
+    assert report["min_cosine_vs_transformers"]["onnx"] >= 0.9999  # the cached vectors are PyTorch's
+    assert report["steady_vs_transformers"]["transformers"] == 1.0 and report["steady_vs_transformers"]["onnx"] > 0
+    assert report["prepared_before_rounds"]["onnx_export_s"] > 0
+
+
 @pytest.fixture(scope="module")
 def peers_result(ray_local, tiny_teacher, scifact_slice, tmp_path_factory) -> Path:
     """bench/peers.py run in this process on the session's Ray (it sets torch's thread count for its in-process

@@ -1,6 +1,7 @@
 """Teacher backends: one interface (texts of one kind -> float32 vectors), one class per way to run a teacher.
 
-The Ray Data stage only talks to `TeacherBackend`; vLLM engines and HTTP endpoints plug in behind it.
+The Ray Data stage only talks to `TeacherBackend`; ONNX Runtime graphs, vLLM engines and HTTP endpoints plug in
+behind it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from leaf_ray.models import ModelStore
 
 class TeacherOutputError(LeafRayError, RuntimeError):
     """The teacher returned vectors that must not reach a cache (NaN/Inf, wrong shape)."""
+
+
+class TeacherBackendError(LeafRayError, RuntimeError):
+    """A backend that cannot run here (a missing optional package)."""
 
 
 class TeacherBackend(Protocol):
@@ -89,7 +94,17 @@ def _endpoint_backend(cfg: TeacherConfig, models: ModelStore) -> TeacherBackend:
     return EndpointBackend(cfg, models)
 
 
-BACKENDS = {"transformers": TransformersBackend, "vllm": _vllm_backend, "endpoint": _endpoint_backend}
+def _onnx_backend(cfg: TeacherConfig, models: ModelStore) -> TeacherBackend:
+    try:
+        from leaf_ray.teacher.onnx_backend import OnnxBackend  # imports onnxruntime and the exporter
+    except ModuleNotFoundError as exc:
+        raise TeacherBackendError(f"teacher.backend 'onnx' needs {exc.name}: pip install 'leaf-ray[onnx]'") from None
+
+    return OnnxBackend(cfg, models)
+
+
+BACKENDS = {"transformers": TransformersBackend, "onnx": _onnx_backend, "vllm": _vllm_backend,
+            "endpoint": _endpoint_backend}
 
 
 def make_backend(cfg: TeacherConfig, models: ModelStore) -> TeacherBackend:
