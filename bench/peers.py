@@ -59,6 +59,12 @@ ASYMMETRIC_NOTE = ("Model2Vec embeds in its own (PCA-reduced) space, not the tea
                    "compared with teacher document vectors, so asymmetric retrieval is impossible for it")
 
 
+def batching(train) -> str:
+    """How leaf-ray cut and padded its batches, in words for the report."""
+    cut = "length-grouped batches" if train.length_group_batches > 1 else "random batches"
+    return cut + (f" padded in {train.padding_buckets} length buckets" if train.padding_buckets > 1 else "")
+
+
 def timed(function, *args, **kwargs):
     """(result, seconds, load average before and after): what every peer is reported with."""
     load_before, started = os.getloadavg()[0], time.perf_counter()
@@ -223,7 +229,7 @@ def main(argv=None) -> dict:
                                                                                     ("standard", "asymmetric")},
                      "samples_per_s": trained.samples_per_s, "speed_key": "leaf-ray",
                      "recipe": f"leaf_ray.train.train_student ({cfg.train.loss} loss, {cfg.train.schedule} schedule, "
-                               f"{cfg.train.num_workers} Ray Train worker(s), length-grouped batches)"},
+                               f"{cfg.train.num_workers} Ray Train worker(s), {batching(cfg.train)})"},
         "sentence-transformers": {"wall_s": st_s, "loadavg": st_load, **common, "val_cosine": st_val["val_cosine"],
                                   "ndcg_at_10": {k: st_scores[k] for k in ("standard", "asymmetric")},
                                   "speed_key": "leaf-ray",  # the same architecture as leaf-ray's student

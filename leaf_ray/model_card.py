@@ -29,7 +29,8 @@ EXAMPLE_TEXTS = ['queries = ["what does vitamin C do?"]',
                  'documents = ["Vitamin C is an antioxidant found in citrus fruit."]', ""]
 # The train config keys a card lists (the rest are placement and logging).
 RECIPE_KEYS = ("epochs", "max_steps", "batch_size", "num_workers", "lr", "head_lr", "head_only_steps", "schedule",
-               "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "seed")
+               "cycles", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "length_group_batches",
+               "padding_buckets", "seed")
 
 
 def hub_id(name: str | None) -> str | None:

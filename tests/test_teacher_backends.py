@@ -189,10 +189,11 @@ def test_vllm_engine_args_from_config():
 
 
 @pytest.mark.timeout(60)
-def test_backends_register_lazily_without_importing_vllm():
+def test_backends_register_lazily_without_importing_vllm_or_onnxruntime():
     code = ("import sys; from leaf_ray.teacher.backends import BACKENDS; "
-            "assert set(BACKENDS) == {'transformers', 'vllm', 'endpoint'}; "
-            "assert 'vllm' not in sys.modules and 'leaf_ray.teacher.vllm_backend' not in sys.modules")
+            "assert set(BACKENDS) == {'transformers', 'onnx', 'vllm', 'endpoint'}; "
+            "assert 'vllm' not in sys.modules and 'leaf_ray.teacher.vllm_backend' not in sys.modules; "
+            "assert 'onnxruntime' not in sys.modules and 'leaf_ray.teacher.onnx_backend' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=50)
 
 
