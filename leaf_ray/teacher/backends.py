@@ -34,6 +34,11 @@ class TeacherBackend(Protocol):
         """How many of `texts` (with prompt) exceed the max length and are cut by the tokenizer."""
 
 
+def actor_threads(cfg: TeacherConfig) -> int:
+    """Intra-op threads of a teacher actor: `teacher.torch_threads`, else the actor's CPUs rounded up."""
+    return cfg.torch_threads or max(1, math.ceil(cfg.num_cpus_per_actor))
+
+
 def _device(cfg: TeacherConfig) -> str:
     import torch
 
@@ -46,7 +51,7 @@ class TransformersBackend:
     def __init__(self, cfg: TeacherConfig, models: ModelStore):
         import torch
 
-        torch.set_num_threads(cfg.torch_threads or max(1, math.ceil(cfg.num_cpus_per_actor)))
+        torch.set_num_threads(actor_threads(cfg))
         self.cfg = cfg
         device = _device(cfg)
         self.model = models.load(cfg.model, device=device, trust_remote_code=cfg.trust_remote_code,

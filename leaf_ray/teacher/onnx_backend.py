@@ -9,7 +9,6 @@ must agree (cosine at least `AGREEMENT`): a graph that computes something else n
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -20,7 +19,7 @@ import numpy as np
 from leaf_ray.config import TeacherConfig
 from leaf_ray.models import ModelStore, exclusive
 from leaf_ray.onnx_export import ONNX_CONFIG, OnnxEncoder, export_onnx
-from leaf_ray.teacher.backends import TeacherOutputError, TransformersBackend, check_vectors
+from leaf_ray.teacher.backends import TeacherOutputError, TransformersBackend, actor_threads, check_vectors
 from leaf_ray.teacher.cache import teacher_fingerprint
 
 AGREEMENT = 0.9999  # least cosine between an ONNX vector and PyTorch's of the same text
@@ -50,8 +49,7 @@ class OnnxBackend(TransformersBackend):
 
     def __init__(self, cfg: TeacherConfig, models: ModelStore):
         super().__init__(cfg, models)
-        threads = cfg.torch_threads or max(1, math.ceil(cfg.num_cpus_per_actor))
-        self.encoder = OnnxEncoder(exported_teacher(self.model, cfg, models), threads=threads)
+        self.encoder = OnnxEncoder(exported_teacher(self.model, cfg, models), threads=actor_threads(cfg))
         self.checked: set[str] = set()
 
     def embed(self, texts: list[str], kind: str) -> np.ndarray:
