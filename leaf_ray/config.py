@@ -165,7 +165,7 @@ class TeacherConfig(_Section):
     torch_threads: int | None = Field(default=None, gt=0)
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
-    chunk_rows: int = Field(default=1024, gt=0)  # rows per cache part: the unit of resume
+    chunk_rows: int = Field(default=1024, gt=0)  # most rows per cache part (the unit of resume)
     on_damaged_cache: Literal["recompute", "error"] = "recompute"  # a truncated/mis-sized cache part
     vllm: VllmOptions = VllmOptions()  # backend: vllm
     endpoint: EndpointOptions = EndpointOptions()  # backend: endpoint

@@ -128,6 +128,10 @@ class StoragePath:
     def name(self) -> str:
         return self.path.rstrip("/").rsplit("/", 1)[-1]
 
+    @property
+    def parent(self) -> StoragePath:
+        return self.at(self.path.rstrip("/").rsplit("/", 1)[0])
+
     def __str__(self) -> str:
         return self.uri
 

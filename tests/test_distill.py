@@ -149,6 +149,28 @@ def test_rerun_refuses_finished_run_and_new_name_reuses_cache(finished_run):
     assert after == before, "the teacher cache was recomputed"
 
 
+def test_the_scaling_curve_grows_one_teacher_cache_and_fits_its_points(finished_run, tmp_path):
+    """bench/scaling.py: each point a distill run, the larger point copying the smaller one's teacher vectors (its
+    mix holds them: seeded limits nest) instead of embedding them again; a trend line through the points."""
+    import ray
+
+    _, config, _ = finished_run
+    curve, _ = run_in_process(  # the point jobs join the session's Ray instead of starting their own
+        "bench/scaling.py", "--config", str(config), "--texts", "96", "192", "--name", "curve",
+        f"ray.address={ray.get_runtime_context().gcs_address}",
+        "--out", str(tmp_path / "curve.json"), "data.sources.0.limit_queries=240", "data.sources.0.limit_documents=80",
+        f"storage.cache_root={tmp_path / 'cache'}", f"storage.runs_root={tmp_path / 'runs'}", "train.epochs=1",
+        "evaluate.sts=null", "evaluate.quantizations=[float32]", "evaluate.max_corpus=60", "evaluate.max_queries=10")
+    small, large = curve["points"]
+    assert (small["texts"], large["texts"]) == (96, 192) and large["train_samples"] > small["train_samples"]
+    assert all(0 < p["standard_retention"] and 0 < p["asymmetric_retention"] for p in curve["points"])
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "teacher").rglob("manifest.json")]
+    copied = {m["rows"]: m["last_run"]["rows_copied"] for m in manifests if m["rows"] in (96, 192)}
+    assert copied == {96: 0, 192: 96}
+    assert curve["trend_vs_log10_samples"]["standard"] is not None and (tmp_path / "curve.png").is_file()
+    assert json.loads((tmp_path / "curve.json").read_text())["points"][1]["command"].startswith("python jobs/distill.py")
+
+
 def test_ray_job_submit_against_a_local_head(finished_run, tiny_teacher, tmp_path):
     """The README's `ray job submit` flow against a head started on 127.0.0.1 and stopped after (bench/job_log.py's,
     which also measures a submitted job's log). The job finds the text mix's teacher vectors that the in-process

@@ -69,7 +69,7 @@ def test_stage_matches_plain_encoding_and_keeps_every_id_once(ray_local, tiny_te
     ids = table.column("id").to_pylist()
     cached = cache.read_table()
     assert sorted(cached.column("id").to_pylist()) == sorted(ids)
-    assert cache.manifest["complete"] and cache.dim == 32 and cache.chunks == 5
+    assert cache.manifest["complete"] and cache.dim == 32 and cache.chunks == 8  # 300 / 64 rows, up to a power of two
     run = cache.manifest["last_run"]
     assert run["rows_computed"] == 300
     # timed by the actors' stamps of each chunk: the first chunk is done before the stage ends, the rest after it
@@ -92,9 +92,29 @@ def test_two_writer_actors_write_every_id_once_from_a_dataset(ray_local, tiny_te
     cache = build_cache(ray.data.from_arrow([table.slice(i, 90) for i in range(0, 700, 90)]), cfg, tmp_path)
     ids = cache.read_table(["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 700 and set(ids) == set(table.column("id").to_pylist())
-    assert cache.chunks == 11 and cache.missing_chunks() == []
+    assert cache.chunks == 16 and cache.missing_chunks() == []
     assert cosines(cache.vectors_for(table.column("id").to_pylist()), plain_encode(tiny_teacher, table, cfg)).min() > 0.9999
     assert build_cache(table, cfg, tmp_path).path == cache.path  # the same rows as a table: the same cache
+
+
+@pytest.mark.e2e
+def test_a_grown_mix_copies_the_rows_another_cache_holds_and_embeds_only_the_rest(ray_local, tiny_teacher, tmp_path):
+    """A mix that grows under the same teacher settings takes the rows another cache already holds (same id, text
+    and kind) instead of embedding them again: the scaling curve's points share one growing set of vectors."""
+    cfg = teacher_cfg(tiny_teacher)
+    small = build_cache(text_table(200), cfg, tmp_path)
+    grown = text_table(600)  # t0..t199 as before, then 400 new rows; one old text and one old kind changed
+    texts, kinds = grown.column("text").to_pylist(), grown.column("kind").to_pylist()
+    texts[5], kinds[7] = texts[5] + " gene", "query" if kinds[7] == "document" else "document"
+    grown = grown.set_column(1, "text", pa.array(texts)).set_column(2, "kind", pa.array(kinds))
+    cache = build_cache(grown, cfg, tmp_path)
+    assert cache.path != small.path and cache.chunks == 16 and small.chunks == 4
+    assert cache.manifest["last_run"]["rows_copied"] == 198
+    vectors = cache.vectors_for(grown.column("id").to_pylist())
+    assert cosines(vectors, plain_encode(tiny_teacher, grown, cfg)).min() > 0.9999
+    # and the other way: a subset of the grown mix is copied whole, no teacher call
+    shrunk = build_cache(grown.slice(100, 300), cfg, tmp_path)
+    assert shrunk.manifest["last_run"]["rows_copied"] == 300
 
 
 def test_chunks_are_planned_by_id_hash_alike_in_process_and_on_ray(ray_local):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from leaf_ray.config import TeacherConfig
@@ -252,6 +253,49 @@ class TeacherCache:
 
     def _save_manifest(self) -> None:
         (self.location / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+
+    # -- reuse across caches ------------------------------------------------------------------------
+    def others(self) -> list[TeacherCache]:
+        """The other caches of this teacher (other text mixes under the same teacher fingerprint) that hold
+        vectors of this width and layout, largest first: where a grown or changed mix finds rows already embedded."""
+        found = []
+        for folder in self.location.parent.list():
+            manifest_file = folder / MANIFEST
+            if folder.name == self.location.name or not manifest_file.is_file():
+                continue
+            try:
+                manifest = _read_manifest(manifest_file)
+            except CacheDamagedError:
+                continue
+            if (manifest.get("teacher") == self.manifest["teacher"] and manifest.get("chunking") == CHUNKING
+                    and manifest.get("dim") is not None and self.dim in (None, manifest["dim"])):
+                found.append(TeacherCache(folder, manifest))
+        return sorted(found, key=lambda cache: -cache.manifest["rows"])
+
+    def lookup(self, ids: list, texts: list, kinds: list) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, vectors) of the rows this cache holds with the same id, text and kind. Only the parts the
+        rows' chunks point to are read (one, when chunk counts nest); an unreadable part is skipped."""
+        chunk = (id_hashes(ids) % np.uint64(self.chunks)).astype(np.int64)
+        positions, vectors = [], []
+        for index in np.unique(chunk).tolist():
+            part, wanted = self.part_location(index), [ids[i] for i in np.flatnonzero(chunk == index)]
+            try:  # the ids first: most parts of an unrelated cache (an evaluation corpus) share none
+                if not pc.is_in(pq.read_table(part.path, columns=["id"], filesystem=part.filesystem).column("id"),
+                                pa.array(wanted, pa.string())).to_numpy(zero_copy_only=False).any():
+                    continue
+                table = pq.read_table(part.path, filesystem=part.filesystem)
+            except (pa.ArrowInvalid, OSError):
+                continue
+            held = {row: i for i, row in enumerate(zip(*(table.column(c).to_pylist() for c in ("id", "text", "kind"))))}
+            hits = [(i, held[key]) for i in np.flatnonzero(chunk == index).tolist()
+                    if (key := (ids[i], texts[i], kinds[i])) in held]
+            if hits:
+                mine, theirs = zip(*hits)
+                positions.append(np.array(mine, dtype=np.int64))
+                vectors.append(embedding_matrix(table.column("embedding").take(pa.array(theirs))))
+        if not positions:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim or 0), dtype=np.float32)
+        return np.concatenate(positions), np.concatenate(vectors)
 
     # -- reading -------------------------------------------------------------------------------
     def parts(self) -> list[StoragePath]:

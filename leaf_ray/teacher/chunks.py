@@ -33,7 +33,10 @@ class ChunkPlan:
 
 
 def chunk_count(rows: int, chunk_rows: int) -> int:
-    return max(1, math.ceil(rows / chunk_rows))
+    """Chunks of at most `chunk_rows` rows, as a power of two: then the chunks of two caches of one teacher nest
+    (a row's chunk in the smaller count is its chunk in the larger one, modulo the smaller), so a grown or
+    shrunk mix finds its rows already embedded in one part of the other cache (TeacherCache.lookup)."""
+    return 1 << max(0, math.ceil(rows / chunk_rows) - 1).bit_length()
 
 
 def with_chunk(batch: pa.Table, chunks: int) -> pa.Table:

@@ -21,7 +21,7 @@ from leaf_ray.models import ModelStore
 from leaf_ray.progress import Progress, quiet_library_bars
 from leaf_ray.storage import DEFAULT_LOCAL_CACHE, StoragePath, resolve
 from leaf_ray.teacher.backends import make_backend
-from leaf_ray.teacher.cache import TeacherCache, teacher_fingerprint
+from leaf_ray.teacher.cache import CacheMismatchError, TeacherCache, teacher_fingerprint
 from leaf_ray.teacher.chunks import ChunkPlan, chunk_count, plan_dataset, plan_table, task_shuffled, with_chunk
 
 log = logging.getLogger(__name__)
@@ -142,9 +142,11 @@ class CacheWriter:
     checks, stamped with the time the chunk was done (a block can hold several chunks, and its rows reach the
     driver together: the stamps, not their arrival, time the stage)."""
 
-    def __init__(self, teacher: TeacherConfig, cache: TeacherCache, models: ModelStore):
+    def __init__(self, teacher: TeacherConfig, cache: TeacherCache, models: ModelStore,
+                 others: list[TeacherCache]):
         self.embedder = TeacherEmbedder(teacher, models)
         self.cache, self.batch_size = cache, teacher.batch_size * FORWARD_BATCHES_PER_CALL
+        self.others = others
 
     def __call__(self, block: pa.Table) -> pa.Table:
         chunks = block.column("chunk").to_numpy()
@@ -155,23 +157,49 @@ class CacheWriter:
     def write(self, chunk: int, rows: pa.Table) -> pa.Table:
         if self.cache.chunk_ok(chunk):  # written by an earlier try of this task
             return pa.table({"chunk": [chunk], "rows": [len(rows)], "dim": [self.cache.part_width(chunk)],
-                             "written": [True], "truncated": [0], "done_at": [time.time()]})
+                             "written": [True], "truncated": [0], "copied": [0], "done_at": [time.time()]})
         # Sorted by kind and length, so each forward batch has one prompt and little padding.
         rows = rows.append_column("_len", pc.utf8_length(rows.column("text"))).sort_by(
             [("kind", "ascending"), ("_len", "ascending")])
         columns = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in ("id", "text", "kind")}
-        vectors, truncated = [], 0
-        for start in range(0, len(rows), self.batch_size):
-            out = self.embedder({name: column[start:start + self.batch_size] for name, column in columns.items()})
-            vectors.append(out["embedding"])
+        lists = [columns[name].tolist() for name in ("id", "text", "kind")]
+        pieces = self.copied(*lists)  # (row positions, vectors) pairs
+        copied = sum(len(where) for where, _ in pieces)
+        todo = np.ones(len(rows), dtype=bool)
+        for where, _ in pieces:
+            todo[where] = False
+        todo, truncated = np.flatnonzero(todo), 0
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start:start + self.batch_size]
+            out = self.embedder({name: column[batch] for name, column in columns.items()})
+            pieces.append((batch, out["embedding"]))
             truncated += int(out["truncated"].sum())
-        vectors = np.concatenate(vectors)
-        dim = vectors.shape[1]
+        dim = pieces[-1][1].shape[1]
+        if any(piece.shape[1] != dim for _, piece in pieces):
+            raise CacheMismatchError(f"chunk {chunk}: the teacher returns {dim}-d vectors but another cache of the "
+                                     f"same teacher settings under {self.cache.location.parent} holds "
+                                     f"{pieces[0][1].shape[1]}-d ones; delete the stale cache")
+        vectors = np.empty((len(rows), dim), dtype=np.float32)
+        for where, piece in pieces:
+            vectors[where] = piece
         written = self.cache.dim in (None, dim)  # else the driver refuses the teacher (set_dim), writing nothing
         if written:
-            self.cache.write_chunk(chunk, *(columns[name].tolist() for name in ("id", "text", "kind")), vectors)
+            self.cache.write_chunk(chunk, *lists, vectors)
         return pa.table({"chunk": [chunk], "rows": [len(rows)], "dim": [dim], "written": [written],
-                         "truncated": [truncated], "done_at": [time.time()]})
+                         "truncated": [truncated], "copied": [copied], "done_at": [time.time()]})
+
+    def copied(self, ids: list, texts: list, kinds: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The rows other caches of this teacher already hold (a grown or changed mix), as (row positions, vectors)
+        pairs: copied, not embedded again."""
+        pieces, left = [], np.arange(len(ids))
+        for other in self.others:
+            if not len(left):
+                break
+            where, vectors = other.lookup(*([values[i] for i in left] for values in (ids, texts, kinds)))
+            if len(where):
+                pieces.append((left[where], vectors))
+                left = np.setdiff1d(left, left[where])
+        return pieces
 
 
 def build_cache(texts, teacher: TeacherConfig, cache_root: str | Path | StoragePath,
@@ -229,11 +257,11 @@ def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_ro
     # the DeveloperAPI that Ray's own groupby().map_groups uses for the same purpose.
     records = raising_teacher_errors(grouped).map_batches_internal(
         CacheWriter, batch_size=None,
-        fn_constructor_kwargs={"teacher": teacher, "cache": cache, "models": models},
+        fn_constructor_kwargs={"teacher": teacher, "cache": cache, "models": models, "others": cache.others()},
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=teacher.min_actors, max_size=teacher.max_actors),
         num_cpus=teacher.num_cpus_per_actor, num_gpus=teacher.num_gpus_per_actor, **_placement(teacher))
-    truncated, done, finished = 0, set(), []
+    truncated, copied, done, finished = 0, 0, set(), []
     with Progress(todo_rows, f"teacher {teacher.model}") as bar:
         for record in records.iter_rows():
             cache.set_dim(record["dim"])  # refuses a teacher whose width changed, before anything is counted
@@ -242,13 +270,14 @@ def _write_missing_parts(cache: TeacherCache, texts, missing: list[int], todo_ro
                                    f"(expected {cache.chunk_rows_of(record['chunk'])}, once)")
             done.add(record["chunk"])
             truncated += record["truncated"]
+            copied += record["copied"]
             bar.update(record["rows"])
             finished.append((record["done_at"], record["rows"]))
     if len(done) != len(missing):
         raise RuntimeError(f"teacher stage ended with chunks {sorted(set(missing) - done)[:10]} not written")
     (first_at, first_rows), last_at = min(finished), max(finished)[0]
     steady_s = last_at - first_at
-    return {"truncated_texts": truncated, "seconds": round(time.time() - started, 3),
+    return {"truncated_texts": truncated, "rows_copied": copied, "seconds": round(time.time() - started, 3),
             "first_output_s": round(first_at - started, 3),
             "steady_rows_per_s": round((todo_rows - first_rows) / steady_s, 2) if steady_s > 0 else None}
 
