@@ -25,7 +25,7 @@ import numpy as np
 
 from leaf_ray.config import load_config
 from leaf_ray.report import full_dims_scores
-from leaf_ray.runs import RunFolder
+from leaf_ray.runs import DONE, RunFolder
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -144,25 +144,26 @@ def main(argv=None) -> dict:
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides for every point")
     args = parser.parse_intermixed_args(argv)  # overrides may come between the options
     base = load_config(args.config, args.overrides)
-    points = []
+    targets = {"standard": args.standard_target, "asymmetric": args.asymmetric_target}
+    command = shlex.join(["python", "bench/scaling.py", *(sys.argv[1:] if argv is None else argv)])
+    out = Path(args.out) if args.out else RESULTS / f"{args.name}.json"
+    points, curve = [], None
     for texts in sorted(args.texts):
         overrides = [*args.overrides, f"name={args.name}-{texts}", *point_overrides(base, texts)]
         folder = RunFolder(load_config(args.config, overrides))
         job = ["python", "jobs/distill.py", "--config", args.config, *overrides]
-        if not (folder.location / "results.json").is_file():
+        if not (folder.location / DONE).is_file():
             if args.only_finished:
                 continue
             subprocess.run([sys.executable, *job[1:]], check=True, cwd=REPO)
         points.append(point_record(json.loads((folder.location / "results.json").read_text()), shlex.join(job)))
         print(json.dumps({k: points[-1][k] for k in ("run", "train_samples", "standard_ndcg_at_10",
                                                      "asymmetric_ndcg_at_10")}), flush=True)
-    if not points:
+        curve = summarize(points, targets, command)  # written after every point: a cut-off curve keeps its points
+        out.write_text(json.dumps(curve, indent=2) + "\n")
+        plot(curve, out.with_suffix(".png"))
+    if curve is None:
         raise SystemExit("no finished point yet")
-    targets = {"standard": args.standard_target, "asymmetric": args.asymmetric_target}
-    curve = summarize(points, targets, shlex.join(["python", "bench/scaling.py", *(argv or sys.argv[1:])]))
-    out = Path(args.out) if args.out else RESULTS / f"{args.name}.json"
-    out.write_text(json.dumps(curve, indent=2) + "\n")
-    plot(curve, out.with_suffix(".png"))
     for key, samples in curve["samples_to_reach"].items():
         print(f"{key}: {'not on a rising trend' if samples is None else f'{samples:,.0f} training samples'}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
