@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from statistics import median
 from pathlib import Path
 
 from leaf_ray.report import rows_table
@@ -45,6 +46,7 @@ def _load(result: dict) -> list[str]:
 
 def serving(result: dict) -> list[str]:
     speed, limit, paper, setup = result["speed"], result["physical_limit"], result["paper"], result["setup"]
+    max_length_rule = setup.get("max_length_rule", "each model's own")
     rows = []
     for key, row in speed.items():
         name, path = key.split("/")
@@ -57,8 +59,9 @@ def serving(result: dict) -> list[str]:
              for kind in ("doc", "query")}
     return [
         (f"Student `{result['student']}`, teacher `{result['teacher']}`; {setup['documents']} corpus texts and "
-         f"{setup['queries']} queries of {setup['dataset']}, {setup['threads']} threads, best of {setup['rounds']} "
-         f"alternating rounds ({setup.get('query_rounds', setup['rounds'])} for queries)."), "",
+         f"{setup['queries']} queries of {setup['dataset']}, {setup['threads']} threads, {setup['rounds']} "
+         f"alternating rounds ({setup.get('query_rounds', setup['rounds'])} for queries); rates: {setup['rates']}; "
+         f"max length: {max_length_rule} {setup['max_length']}."), "",
         rows_table(["model", "path", "docs/s", "queries/s", "p50 ms", "p95 ms", "docs: % of CPU limit",
                     "queries: % of CPU limit"], rows),
         (f"**docs_speedup {result['docs_speedup']:.2f}x, queries_speedup {result['queries_speedup']:.2f}x** "
@@ -124,13 +127,14 @@ def peers(result: dict) -> list[str]:
 
 
 def teacher_stage(result: dict) -> list[str]:
-    rows = [[name, _n(max(r["steady_rows_per_s"] for r in runs)), _n(max(r["with_startup_rows_per_s"] for r in runs)),
-             _n(min(r["wall_s"] for r in runs))] for name, runs in result["runs"].items()]
+    rows = [[name, _n(median(r["steady_rows_per_s"] for r in runs)),
+             _n(median(r["with_startup_rows_per_s"] for r in runs)), _n(median(r["wall_s"] for r in runs))]
+            for name, runs in result["runs"].items()]
     return [(f"{result['model']}, {result['texts']} texts ({result['documents']} documents), {result['threads']} "
-             f"threads, best of {result['rounds']} alternating rounds."), "",
+             f"threads, {result['rounds']} alternating rounds; rates are medians of the rounds."), "",
             rows_table(["path", "steady rows/s", "rows/s with start-up", "wall s"], rows),
-            (f"Ray / plain: steady {result['steady_ratio']}x, with start-up {result['with_startup_ratio']}x. "
-             + result.get("steady_caveat", ""))]
+            (f"Ray / plain: steady {result['steady_ratio']}x, with start-up {result['with_startup_ratio']}x "
+             f"({result.get('ratio_note') or result['mean_ratio_note']}). " + result.get("steady_caveat", ""))]
 
 
 def teacher_backends(result: dict) -> list[str]:
@@ -146,12 +150,30 @@ def teacher_backends(result: dict) -> list[str]:
 
 
 def train_throughput(result: dict) -> list[str]:
-    setup = result["setup"]
-    rows = [[name, _n(row["steady_samples_per_s"]), _n(row["wall_s"])] for name, row in result["results"].items()]
+    setup, ratios = result["setup"], result.get("vs_plain_loop")
+    rows = [[name, _n(row["steady_samples_per_s"]), _n(row["wall_s"]),
+             *((_n(ratios["steady_samples_per_s"][name], 3), _n(ratios["with_startup_samples_per_s"][name], 3))
+               if ratios else ())] for name, row in result["results"].items()]
+    header = ["run", "steady samples/s", "wall s (start-up included)"]
     return [(f"{setup['student']} from {setup['teacher']}, {setup['steps']} steps of {setup['batch_size_per_process']} "
              f"rows per process, {setup['torch_threads_per_process']} torch thread(s) per process, median of "
-             f"{setup['rounds']} alternating rounds."), "",
-            rows_table(["run", "steady samples/s", "wall s"], rows), *_load(result)]
+             f"{setup['rounds']} rounds" + (" in alternating order; ratios are medians of per-round ratios."
+                                             if ratios else ", run in one order every round.")), "",
+            rows_table(header + (["steady / plain", "with start-up / plain"] if ratios else []), rows), *_load(result)]
+
+
+def scaling(result: dict) -> list[str]:
+    rows = [[p["run"], f"{p['texts']:,}", p["epochs"], f"{p['train_samples']:,}", _n(p["teacher_ndcg_at_10"], 4),
+             f"{p['standard_ndcg_at_10']:.4f} ({p['standard_retention']:.1%})",
+             f"{p['asymmetric_ndcg_at_10']:.4f} ({p['asymmetric_retention']:.1%})",
+             _n(p.get("standard_sts_spearman"), 4), _n(p["val_cosine"], 3)] for p in result["points"]]
+    reach = "; ".join(f"{key}: {'not on a rising trend' if v is None else f'{v:,.0f} samples'}"
+                      for key, v in result["samples_to_reach"].items())
+    return [("Each point a full `jobs/distill.py` run (its command in the JSON); SciFact test nDCG@10 and STS-B "
+             "Spearman at full dims, float32; retention = leaf / teacher."), "",
+            rows_table(["run", "texts", "epochs", "training samples", "teacher", "standard", "asymmetric",
+                        "STS-B leaf", "val cosine"], rows),
+            f"Log-linear trend of retention, where it reaches each target: {reach}."]
 
 
 def scale(result: dict) -> list[str]:
@@ -218,6 +240,7 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict], list[str]]]] = {
                                     teacher_stage),
     "teacher_backends_cpu": ("Teacher backends", "python bench/teacher_backends.py", teacher_backends),
     "train_throughput": ("Training: Ray Train vs a plain loop", "python bench/train_throughput.py", train_throughput),
+    "scaling": ("Scaling: quality against training compute", "python bench/scaling.py --config <config>", scaling),
     "scale": ("Scale: the data path from 250k to 2M texts", "python bench/scale.py", scale),
     "job_log": ("A submitted job's log", "python bench/job_log.py --label <checkout> [--working-dir <checkout>]",
                 job_log),

@@ -3,12 +3,13 @@ queries) and batch-1 query latency p50/p95, through PyTorch (sentence-transforme
 (leaf_ray.onnx_export) with the exporter's graph ("onnx") and with onnxruntime's fused operators ("onnx-fused"),
 for a trained student and the teacher its manifest names.
 
-    python bench/serving.py runs/leaf-ir-cpu/student [--docs 256] [--queries 300] [--rounds 2] [--threads N]
+    python bench/serving.py runs/leaf-ir-cpu/student [--docs 256] [--queries 300] [--rounds 3] [--max-length N]
 
 Before timing, the ONNX vectors are checked against the PyTorch ones (max abs difference, min cosine); a
 mismatch stops the run. All six encoders (teacher/student x three paths) run in one measure_encoders call:
 alternating rounds after a warm-up (more of them for the seconds-long queries pass), torch and onnxruntime with
-the same threads, best round of each kept.
+the same threads, each rate the median of its rounds. By default each model truncates at its own max length;
+`--max-length N` truncates both at N, so a speed-up is not partly the shorter model reading fewer tokens.
 `docs_speedup` / `queries_speedup` = student / teacher, each on its faster path. The physical-limit section
 puts each path's useful FLOPs per second (from the encoder shapes and the texts' measured token counts)
 against this machine's measured matmul throughput, and a profiled pass of each ONNX path over the queries
@@ -176,7 +177,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--docs", type=int, default=256, help="corpus texts timed per round")
     parser.add_argument("--queries", type=int, default=300, help="queries timed per round (SciFact test has 300)")
     parser.add_argument("--latency-queries", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-length", type=int, help="truncate teacher and student at this many tokens "
+                        "(default: each model's own)")
     parser.add_argument("--query-rounds", type=int, default=6, help="alternating rounds of the queries/s pass")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and onnxruntime threads")
@@ -194,6 +197,8 @@ def main(argv=None) -> dict:
                          allow_pickle_weights=teacher_cfg.allow_pickle_weights)
     student = load_student(args.student)
     models = {"teacher": teacher, "student": student}
+    for model in models.values() if args.max_length else ():
+        model.max_seq_length = args.max_length
     prompts = {"teacher": {"query": teacher_cfg.query_prompt, "document": teacher_cfg.document_prompt},
                "student": student_prompts(student, teacher_cfg)}
     documents, queries = sample_texts(cfg.data.resolve_path(args.dataset), args.split, args.docs, args.queries, 0)
@@ -248,7 +253,9 @@ def main(argv=None) -> dict:
                   "batch_size": args.batch_size, "threads": args.threads, "prompts": prompts,
                   "max_length": {n: int(m.max_seq_length) for n, m in models.items()}, "onnx_export_s": export_s,
                   "onnx_fusions": fusions,
-                  "rates": "best round of each encoder; rounds alternate the encoders, latency alternates per block of queries"},
+                  "max_length_rule": f"both at {args.max_length}" if args.max_length else "each model's own",
+                  "rates": "median of alternating rounds after a warm-up (start-up excluded); latency alternates "
+                           "per block of queries"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                     "loadavg_before": load_before, "loadavg_after": load_after},

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from leaf_ray.bench import alternating, median_ratios
 from leaf_ray.config import DataConfig, DataSource, TeacherConfig
 from leaf_ray.data import build_mix
 from leaf_ray.inputs import collect
@@ -122,23 +123,18 @@ def main(argv=None) -> dict:
         models.resolve(model)  # a bundled model is unpacked here, not in the first round's actor
         with backend_configs(args.backends, base, models, Path(work)) as (configs, prepared):
             for round_index in range(args.rounds):
-                order = args.backends if round_index % 2 == 0 else args.backends[::-1]
-                for name in order:
+                for name in alternating(args.backends, round_index):
                     run, vectors[name] = run_stage(table, configs[name], models)
                     runs[name].append({"round": round_index, **run})
                     print(f"round {round_index} {name:12s} {run}", flush=True)
     ray.shutdown()
 
-    def ratios(key: str) -> dict[str, float]:
-        return {name: round(statistics.median(r[key] / t[key] for r, t in zip(rows, runs["transformers"])), 3)
-                for name, rows in runs.items()}
-
     summary = {
         "benchmark": "teacher_backends_cpu", "model": model, "texts": len(table), "documents": n_docs,
         "max_length": args.max_length, "threads": args.threads, "rounds": args.rounds, "runs": runs,
         "median_steady_rows_per_s": {n: statistics.median(r["steady_rows_per_s"] for r in rows) for n, rows in runs.items()},
-        "steady_vs_transformers": ratios("steady_rows_per_s"),
-        "with_startup_vs_transformers": ratios("with_startup_rows_per_s"),
+        "steady_vs_transformers": median_ratios(runs, "transformers", "steady_rows_per_s"),
+        "with_startup_vs_transformers": median_ratios(runs, "transformers", "with_startup_rows_per_s"),
         "min_cosine_vs_transformers": {n: cos_min(v, vectors["transformers"]) for n, v in vectors.items()},
         "prepared_before_rounds": prepared, "load_avg_before": load_before,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,

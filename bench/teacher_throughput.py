@@ -1,12 +1,12 @@
 """Teacher stage throughput: the Ray Data stage (with its parquet cache writes) vs a plain
 single-process sentence-transformers loop on the same texts, model and threads, alternated in one run.
 
-    python bench/teacher_throughput.py [--texts 5000] [--rounds 2] [--threads 2]
+    python bench/teacher_throughput.py [--texts 5000] [--rounds 3] [--threads 2]
 
 Steady state = rows after the first batch (the plain loop) or the first chunk (the stage, by the times its actors
 finish each chunk) / the time from it to the last one: model load and pipeline start-up excluded; "with start-up"
-= all rows / wall time from the call to the end.
-Writes bench/results/teacher_throughput.json.
+= all rows / wall time from the call to the end. The two sides alternate for `--rounds` rounds; each ratio is the
+median over rounds of the round's ratio. Writes bench/results/teacher_throughput.json.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from leaf_ray.bench import alternating, median_ratios
 from leaf_ray.config import DataConfig, DataSource, TeacherConfig
 from leaf_ray.data import build_mix
 from leaf_ray.inputs import collect
@@ -73,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=5000)
     parser.add_argument("--documents", type=float, default=0.2, help="fraction of documents in the mix")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=MINILM_ID)
     args = parser.parse_args()
@@ -90,26 +91,25 @@ def main() -> None:
     texts, kinds = table.column("text").to_pylist(), table.column("kind").to_pylist()
 
     runs = {"plain": [], "ray": []}
-    for round_index in range(args.rounds):  # alternate so drift in machine load hits both alike
-        for name in ("plain", "ray") if round_index % 2 == 0 else ("ray", "plain"):
+    for round_index in range(args.rounds):
+        for name in alternating(["plain", "ray"], round_index):
             result = plain_loop(texts, kinds, cfg) if name == "plain" else ray_stage(table, cfg)
             runs[name].append(result)
             print(f"round {round_index} {name:5s} {result}", flush=True)
-
-    def best(name, key):
-        return max(r[key] for r in runs[name])
 
     summary = {
         "benchmark": "teacher_stage_vs_plain_loop",
         "model": args.model, "texts": len(table), "documents": n_docs, "threads": args.threads,
         "rounds": args.rounds, "ray_init_s": round(ray_init_s, 2), "runs": runs,
-        "steady_ratio": round(best("ray", "steady_rows_per_s") / best("plain", "steady_rows_per_s"), 3),
-        "with_startup_ratio": round(best("ray", "with_startup_rows_per_s") / best("plain", "with_startup_rows_per_s"), 3),
+        "steady_ratio": median_ratios(runs, "plain", "steady_rows_per_s")["ray"],
+        "with_startup_ratio": median_ratios(runs, "plain", "with_startup_rows_per_s")["ray"],
         "steady_ratio_per_round": [round(r["steady_rows_per_s"] / p["steady_rows_per_s"], 3)
                                    for r, p in zip(runs["ray"], runs["plain"])],
+        "with_startup_ratio_per_round": [round(r["with_startup_rows_per_s"] / p["with_startup_rows_per_s"], 3)
+                                         for r, p in zip(runs["ray"], runs["plain"])],
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "ray": ray.__version__},
-        "mean_ratio_note": "ratios use the best round of each side; per-round ratios are listed too",
+        "ratio_note": "ratios are medians of per-round ratios (Ray stage / plain loop); rounds alternate the order",
         "steady_caveat": "The Ray side's steady rate is the stage's own: rows after its first chunk over the time "
                          "from that chunk's end to the last one's, as the actors stamp them (the plain loop's "
                          "starts after its first batch); with_startup_ratio includes the pool's start-up",

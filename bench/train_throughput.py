@@ -1,13 +1,14 @@
 """Student training throughput: a plain single-process PyTorch loop vs Ray Train with 1 and 2 DDP workers,
 on the same cached teacher vectors, student, batch size per process and torch threads, in one run.
 
-    python bench/train_throughput.py [--texts 2048] [--steps 30] [--threads 1] [--batch-size 32] [--rounds 2]
+    python bench/train_throughput.py [--texts 2048] [--steps 30] [--threads 1] [--batch-size 32] [--rounds 3]
 
 Steady state = rows trained between the first and the last progress record / the time between them
-(model load, Ray start-up and the first `log_every` steps excluded); "wall" = the whole call, start-up
-included. Every process trains `--batch-size` rows per step, so 2 workers train 2x the rows per step.
-The plain loop runs the same `train_step` as the Ray workers. The three runs alternate for `--rounds`
-rounds (so drifting machine load hits them alike); the table shows each run's median.
+(model load, Ray start-up and the first `log_every` steps excluded); "with start-up" = all rows trained / the
+whole call's wall time. Every process trains `--batch-size` rows per step, so 2 workers train 2x the rows per
+step. The plain loop runs the same `train_step` as the Ray workers. The three runs alternate for `--rounds`
+rounds (forward, then reversed); the table shows each run's median and the median per-round ratio to the plain
+loop, steady and with start-up.
 Writes bench/results/train_throughput.json.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 
 import torch
 
+from leaf_ray.bench import alternating, median_ratios
 from leaf_ray.config import DataConfig, DataSource, RunConfig, StorageConfig, StudentConfig, TeacherConfig, TrainConfig
 from leaf_ray.data import build_mix
 from leaf_ray.inputs import TrainingInputs, split_table
@@ -81,15 +83,19 @@ def plain_loop(cfg: RunConfig, train, teacher_dim: int) -> dict:
         train_step(model, model, batch, optimizer, scheduler, cfg.train, torch.device("cpu"))
         if step % LOG_EVERY == 0:
             records.append({"step": step, "time": time.time()})
-    return {"steady_samples_per_s": steady_rate(records, size), "wall_s": time.time() - started}
+    wall = time.time() - started
+    return {"steady_samples_per_s": steady_rate(records, size), "wall_s": wall,
+            "with_startup_samples_per_s": cfg.train.max_steps * size / wall}
 
 
 def ray_run(cfg: RunConfig, train, val, teacher_dim: int) -> dict:
     started = time.time()
     result = train_student(cfg, TrainingInputs.in_memory(train, val, teacher_dim, cfg.train.seed))
     logs = [r for r in result.history() if r["event"] == "log"]
-    return {"steady_samples_per_s": steady_rate(logs, cfg.train.batch_size * cfg.train.num_workers),
-            "wall_s": time.time() - started, "worker_samples_per_s": result.samples_per_s}
+    wall, rows_per_step = time.time() - started, cfg.train.batch_size * cfg.train.num_workers
+    return {"steady_samples_per_s": steady_rate(logs, rows_per_step), "wall_s": wall,
+            "with_startup_samples_per_s": cfg.train.max_steps * rows_per_step / wall,
+            "worker_samples_per_s": result.samples_per_s}
 
 
 def main() -> None:
@@ -99,7 +105,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (each worker too)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per step per process")
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
@@ -119,12 +125,15 @@ def main() -> None:
     setups = {"plain loop": 0, "ray train, 1 worker": 1, "ray train, 2 workers": 2}  # name: Ray workers
     rounds = {name: [] for name in setups}
     for index in range(args.rounds):
-        for name, workers in setups.items():
+        for name in alternating(list(setups), index):
+            workers = setups[name]
             row = (ray_run(run_config(args, f"bench-{workers}w-r{index}", workers, work), train, val, cache.dim)
                    if workers else plain_loop(base, train, cache.dim))
             rounds[name].append(row | {"loadavg_1m_after": os.getloadavg()[0]})
     results = {name: {key: float(np.median([r[key] for r in rows])) for key in rows[0]} | {"rounds": rows}
                for name, rows in rounds.items()}
+    vs_plain = {key: median_ratios(rounds, "plain loop", key)
+                for key in ("steady_samples_per_s", "with_startup_samples_per_s")}
     report = {
         "setup": {"rounds": args.rounds, "teacher": MINILM_ID,
                   "student": "teacher_layers [0, 2, 4] (3 of 6 MiniLM layers)",
@@ -132,14 +141,17 @@ def main() -> None:
                   "torch_threads_per_process": args.threads, "max_length": args.max_length,
                   "length_group_batches": GROUP},
         "results": results,
+        "vs_plain_loop": vs_plain,  # medians of per-round ratios
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "ray": ray.__version__, "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_throughput.json").write_text(json.dumps(report, indent=2))
-    print(f"\n{'run (median of ' + str(args.rounds) + ')':<22}{'steady samples/s':>18}{'wall s':>10}")
+    print(f"\n{'run (median of ' + str(args.rounds) + ')':<22}{'steady samples/s':>18}{'wall s':>10}"
+          f"{'steady / plain':>16}{'with start-up / plain':>23}")
     for name, row in results.items():
-        print(f"{name:<22}{row['steady_samples_per_s']:>18.1f}{row['wall_s']:>10.1f}")
+        print(f"{name:<22}{row['steady_samples_per_s']:>18.1f}{row['wall_s']:>10.1f}"
+              f"{vs_plain['steady_samples_per_s'][name]:>16.3f}{vs_plain['with_startup_samples_per_s'][name]:>23.3f}")
     print(f"(load average before/after: {load_before} / {os.getloadavg()}; saved {RESULTS / 'train_throughput.json'})")
 
 

@@ -1,7 +1,8 @@
 """Serving throughput and latency of encoders, measured side by side.
 
-Machines here are shared and noisy, so encoders are timed alternately in rounds with the same threads
-and the best round of each is kept; compare them as ratios from one call, never across calls.
+Machines here are shared and noisy, so encoders are timed alternately in rounds with the same threads and each
+rate is the median of its rounds (every round is kept beside it); compare them as ratios from one call, never
+across calls.
 The physical limit of a path is its useful FLOPs per second (`EncoderShape`) against the machine's measured
 matmul throughput (`matmul_gflops`), with the same threads.
 """
@@ -9,12 +10,25 @@ matmul throughput (`matmul_gflops`), with the same threads.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 LATENCY_BLOCK = 10  # batch-1 latencies are timed in blocks of this many queries, the encoders taking turns
+
+
+def alternating(names: Sequence[str], round_index: int) -> list[str]:
+    """The order of round `round_index`: forward on even rounds, reversed on odd ones, so load that drifts during
+    a benchmark hits every side alike."""
+    return list(names) if round_index % 2 == 0 else list(reversed(names))
+
+
+def median_ratios(runs: Mapping[str, Sequence[Mapping]], baseline: str, key: str) -> dict[str, float]:
+    """Per side, the median over rounds of its `key` divided by the baseline's in the same round (a ratio per round
+    first, so a slow round slows both sides of its ratio)."""
+    return {name: round(float(np.median([r[key] / b[key] for r, b in zip(rows, runs[baseline])])), 3)
+            for name, rows in runs.items()}
 
 
 def _rate(model, texts: list[str], prompt: str | None, batch_size: int) -> float:
@@ -33,25 +47,26 @@ def measure_encoders(encoders: Mapping[str, object], queries: list[str], documen
                      prompts: Mapping[str, Mapping[str, str]] | None = None, rounds: int = 2,
                      batch_size: int = 32, latency_queries: int = 50,
                      query_rounds: int | None = None) -> dict[str, dict]:
-    """docs/s, queries/s and batch-1 query latency (p50/p95 ms) per encoder, alternating encoders each
-    round after one warm-up pass (latency: in blocks of LATENCY_BLOCK queries, the encoders taking turns).
+    """docs/s and queries/s (medians of the rounds, each round's under `rounds`) and batch-1 query latency (p50/p95
+    ms) per encoder, alternating encoders each round after one warm-up pass (latency: in blocks of LATENCY_BLOCK
+    queries, the encoders taking turns).
     `prompts[name]` gives an encoder's query/document prompts. Queries may get more rounds than documents
     (`query_rounds`, default `rounds`): a pass over a few hundred queries takes seconds, so with two rounds
     one noisy moment on a shared machine decides the figure."""
     prompts, query_rounds = prompts or {}, query_rounds or rounds
-    results: dict[str, dict] = {name: {"docs_per_s": 0.0, "queries_per_s": 0.0} for name in encoders}
+    rounds_of: dict[str, dict[str, list[float]]] = {name: {"docs_per_s": [], "queries_per_s": []} for name in encoders}
     for name, model in encoders.items():  # warm-up: first calls allocate and pick kernels
         model.encode(queries[:8] + documents[:8], show_progress_bar=False)
-    names = list(encoders)
     for round_index in range(max(rounds, query_rounds)):
-        for name in names if round_index % 2 == 0 else reversed(names):
+        for name in alternating(list(encoders), round_index):
             model, p = encoders[name], prompts.get(name, {})
             if round_index < rounds:
-                results[name]["docs_per_s"] = max(results[name]["docs_per_s"],
-                                                  _rate(model, documents, p.get("document") or None, batch_size))
+                rounds_of[name]["docs_per_s"].append(_rate(model, documents, p.get("document") or None, batch_size))
             if round_index < query_rounds:
-                results[name]["queries_per_s"] = max(results[name]["queries_per_s"],
-                                                     _rate(model, queries, p.get("query") or None, batch_size))
+                rounds_of[name]["queries_per_s"].append(_rate(model, queries, p.get("query") or None, batch_size))
+    results = {name: {key: round(float(np.median(values)), 2) for key, values in kept.items()}
+               | {"rounds": {key: [round(v, 2) for v in values] for key, values in kept.items()}}
+               for name, kept in rounds_of.items()}
     latencies: dict[str, list[float]] = {name: [] for name in encoders}
     sample = queries[:latency_queries]
     for start in range(0, len(sample), LATENCY_BLOCK):  # blocks of queries, every encoder in turn
@@ -62,9 +77,6 @@ def measure_encoders(encoders: Mapping[str, object], queries: list[str], documen
     for name, lat in latencies.items():
         results[name] |= {"query_latency_p50_ms": float(np.percentile(lat, 50)),
                           "query_latency_p95_ms": float(np.percentile(lat, 95))}
-    for stats in results.values():
-        stats["docs_per_s"] = round(stats["docs_per_s"], 2)
-        stats["queries_per_s"] = round(stats["queries_per_s"], 2)
     return results
 
 

@@ -15,6 +15,7 @@ import onnx
 import pytest
 import yaml
 
+from leaf_ray.bench import alternating, median_ratios
 from leaf_ray.config import StudentConfig
 from leaf_ray.onnx_export import OnnxEncoder, OnnxExportError, export_onnx
 from leaf_ray.student import (
@@ -124,6 +125,14 @@ def test_onnx_refuses_what_it_cannot_reproduce(tiny_student, tmp_path):
         OnnxEncoder(tmp_path)
 
 
+def test_ratios_are_taken_within_each_round_then_their_median():
+    """A slow round slows both sides of its ratio: per-round ratios 2, 1, 1.5 give 1.5, where the ratio of the
+    median rates (20 / 10) would give 2."""
+    runs = {"base": [{"rate": 10.0}, {"rate": 5.0}, {"rate": 20.0}], "x": [{"rate": 20.0}, {"rate": 5.0}, {"rate": 30.0}]}
+    assert median_ratios(runs, "base", "rate") == {"base": 1.0, "x": 1.5}
+    assert alternating(["a", "b", "c"], 0) == ["a", "b", "c"] and alternating(["a", "b", "c"], 1) == ["c", "b", "a"]
+
+
 def test_flops_follow_the_encoder_shape_and_measured_token_counts(tiny_student):
     from leaf_ray.bench import EncoderShape, matmul_gflops, token_counts
 
@@ -142,7 +151,7 @@ def serving_result(tiny_student, scifact_slice, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serving") / "serving.json"
     run_script("bench/serving.py", str(tiny_student), "--dataset", str(scifact_slice), "--docs", "16",
                "--queries", "12", "--latency-queries", "4", "--rounds", "1", "--query-rounds", "2", "--check-texts", "8",
-               "--threads", "1", "--out", str(out))
+               "--threads", "1", "--max-length", "24", "--out", str(out))
     return out
 
 
@@ -155,6 +164,12 @@ def test_serving_script_writes_speedups_agreement_and_physical_limit(serving_res
     assert set(report["speed"]) == {f"{name}/{path}" for name in ("teacher", "student") for path in paths}
     for row in report["speed"].values():
         assert {"docs_per_s", "queries_per_s", "query_latency_p50_ms", "query_latency_p95_ms"} <= set(row)
+        assert len(row["rounds"]["docs_per_s"]) == 1 and len(row["rounds"]["queries_per_s"]) == 2
+        assert row["queries_per_s"] == pytest.approx(sum(row["rounds"]["queries_per_s"]) / 2, abs=0.01)  # the median
+    # --max-length: both models truncate alike, so neither reads fewer tokens per document than the other
+    assert report["setup"]["max_length"] == {"teacher": 24, "student": 24}
+    tokens = report["physical_limit"]["mean_tokens"]
+    assert max(tokens[name]["docs"] for name in tokens) <= 24
     assert report["params"]["teacher"] > report["params"]["total"] > 0 and report["params"]["ratio"] > 1
     for checks in report["onnx_agreement"].values():
         assert checks["query"]["min_cosine"] > 0.9999 and checks["document"]["max_abs_diff"] < 1e-4
