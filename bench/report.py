@@ -112,6 +112,10 @@ def peers(result: dict) -> list[str]:
     rows.append(["teacher", "", "", _n(result["teacher"]["ndcg_at_10"], 4), "", _n(teacher_speed.get("docs_per_s")),
                  _n(teacher_speed.get("queries_per_s")), result["teacher"]["model"]])
     setup, goal, shared = result["setup"], result["goal"], result["shared"]
+    wall = result.get("wall_time")
+    timing = (f"Wall time, sentence-transformers / leaf-ray: {wall['st_over_leaf_median_per_round']}x over "
+              f"{wall['train_rounds']} rounds ({wall['rule']})." if wall else
+              "Wall times from one run of each, one after the other.")
     return [
         (f"Config `{result['config']}` {' '.join(result['overrides'])}: {setup['train_rows']} training rows, batch "
          f"{setup['train']['batch_size']}, lr {setup['train']['lr']}; {setup['dataset']}/{setup['split']} "
@@ -120,6 +124,7 @@ def peers(result: dict) -> list[str]:
          "times."), "",
         rows_table(["peer", "make (s)", "val cosine", "nDCG@10 standard", "nDCG@10 asymmetric", "docs/s",
                     "queries/s", "recipe"], rows),
+        timing,
         (f"Goal (leaf-ray's wall time <= sentence-transformers' with equal or better nDCG@10): wall time "
          f"{'met' if goal['leaf_wall_le_st'] else 'not met'}; nDCG@10 "
          + ", ".join(f"{k} {'met' if v else 'not met'}" for k, v in goal["leaf_ndcg_ge_st"].items()) + ". "

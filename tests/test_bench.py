@@ -228,7 +228,7 @@ def peers_result(ray_local, tiny_teacher, scifact_slice, tmp_path_factory) -> Pa
     threads = torch.get_num_threads()
     try:
         run_in_process("bench/peers.py", "--config", str(tmp / "tiny.yaml"), "--work", str(tmp / "work"), "--docs",
-                       "8", "--queries", "8", "--rounds", "1", "--out", str(out))
+                       "8", "--queries", "8", "--rounds", "1", "--train-rounds", "2", "--out", str(out))
     finally:
         torch.set_num_threads(threads)
     return out
@@ -250,6 +250,12 @@ def test_peers_script_trains_both_recipes_on_one_budget_and_distills_model2vec(p
     assert set(report["speed"]) == {"teacher", "leaf-ray", "model2vec"}
     assert report["speed"]["model2vec"]["docs_per_s"] > 0
     assert set(report["goal"]) == {"leaf_wall_le_st", "leaf_ndcg_ge_st"}
+    # two timing rounds in alternating order, the second leaf-ray run trained from the copied initial student
+    assert [r["round"] for r in leaf["rounds"]] == [r["round"] for r in st["rounds"]] == [0, 1]
+    second = json.loads(next((peers_result.parent / "work" / "runs").glob("*-r1/metrics.jsonl")).read_text()
+                        .splitlines()[-1])
+    assert second["event"] == "end" and second["step"] == leaf["steps"]
+    assert report["wall_time"]["st_over_leaf_median_per_round"] > 0
     assert 0 <= report["teacher"]["ndcg_at_10"] <= 1 and report["shared"]["teacher_vectors_s"] > 0
     assert peers_result.with_suffix(".png").stat().st_size > 0
 
