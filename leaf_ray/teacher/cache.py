@@ -9,6 +9,8 @@ rows in its parquet footer. The manifest lists every chunk's row count and diges
 footer matches; an interrupted run leaves only whole parts behind and a rerun computes just the chunks that are
 missing or damaged. Rows within a part are in a hash order, so every part is a random sample of the mix and
 training can stream the parts in any order. Reading streams part by part from wherever the cache is.
+Caches of one teacher share their rows: chunk counts are powers of two, so a row of a grown or changed mix lies in
+one known part of each other cache, and the teacher stage copies it from there instead of embedding it again.
 """
 
 from __future__ import annotations
