@@ -21,11 +21,12 @@ import pytest
 from leaf_ray.config import DataConfig, DataSource, TeacherConfig
 from leaf_ray.data import build_mix
 from leaf_ray.inputs import collect
+from leaf_ray.models import ModelStore
 from leaf_ray.teacher import CacheMismatchError, build_cache, teacher_embeddings
 from leaf_ray.teacher.backends import TeacherOutputError, check_vectors
 from leaf_ray.teacher.cache import CacheDamagedError, TeacherCache
-from leaf_ray.teacher.chunks import plan_dataset, plan_table
-from leaf_ray.teacher.stage import cache_path_for
+from leaf_ray.teacher.chunks import plan_dataset, plan_table, with_chunk
+from leaf_ray.teacher.stage import CacheWriter, cache_path_for, plan_for
 from tests.conftest import REPO, build_tiny_bert, random_texts
 
 pytestmark = pytest.mark.timeout(300)
@@ -115,6 +116,21 @@ def test_a_grown_mix_copies_the_rows_another_cache_holds_and_embeds_only_the_res
     # and the other way: a subset of the grown mix is copied whole, no teacher call
     shrunk = build_cache(grown.slice(100, 300), cfg, tmp_path)
     assert shrunk.manifest["last_run"]["rows_copied"] == 300
+
+
+def test_the_writer_hands_back_each_chunk_as_soon_as_its_part_is_written(tiny_teacher, tmp_path):
+    """A block can hold many chunks of a slow teacher: its records stream chunk by chunk, so the driver's progress
+    moves and Ray Data never sees a task silent for the whole block (which it would stop as stalled)."""
+    table, cfg = text_table(200), teacher_cfg(tiny_teacher)
+    path, plan = plan_for(table, cfg, tmp_path)
+    cache = TeacherCache.open(path, cfg, plan, cfg.chunk_rows)
+    writer = CacheWriter(cfg, cache, ModelStore(tmp_path / "models"), others=[])
+    records = writer(with_chunk(table, cache.chunks).sort_by("chunk"))
+    first = next(records)
+    assert first.column("chunk").to_pylist() == [0] and cache.chunk_ok(0)
+    assert cache.missing_chunks() == list(range(1, cache.chunks))  # the rest not embedded yet
+    assert [r.column("chunk")[0].as_py() for r in records] == list(range(1, cache.chunks))
+    assert cache.missing_chunks() == []
 
 
 def test_chunks_are_planned_by_id_hash_alike_in_process_and_on_ray(ray_local):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -138,9 +139,10 @@ def cache_path_for(texts, teacher: TeacherConfig, cache_root: str | Path) -> Pat
 
 class CacheWriter:
     """Ray Data callable class over blocks sorted by chunk: embeds each whole chunk and writes its cache part
-    itself, so no vector passes through the driver. Returns one small row per chunk for the driver's progress and
-    checks, stamped with the time the chunk was done (a block can hold several chunks, and its rows reach the
-    driver together: the stamps, not their arrival, time the stage)."""
+    itself, so no vector passes through the driver. Yields one small row per chunk as soon as its part is written,
+    for the driver's progress and checks: a block holding many chunks of a slow teacher streams its records
+    instead of staying silent until its last chunk (which Ray Data would stop as a stalled dataset). Each record is
+    stamped with the time its chunk was done, which times the stage."""
 
     def __init__(self, teacher: TeacherConfig, cache: TeacherCache, models: ModelStore,
                  others: list[TeacherCache]):
@@ -148,11 +150,11 @@ class CacheWriter:
         self.cache, self.batch_size = cache, teacher.batch_size * FORWARD_BATCHES_PER_CALL
         self.others = others
 
-    def __call__(self, block: pa.Table) -> pa.Table:
+    def __call__(self, block: pa.Table) -> Iterator[pa.Table]:
         chunks = block.column("chunk").to_numpy()
         starts = np.flatnonzero(np.r_[True, chunks[1:] != chunks[:-1]])
-        return pa.concat_tables([self.write(int(chunks[start]), block.slice(start, stop - start))
-                                 for start, stop in zip(starts, [*starts[1:], len(chunks)])])
+        for start, stop in zip(starts, [*starts[1:], len(chunks)]):
+            yield self.write(int(chunks[start]), block.slice(start, stop - start))
 
     def write(self, chunk: int, rows: pa.Table) -> pa.Table:
         if self.cache.chunk_ok(chunk):  # written by an earlier try of this task
