@@ -45,14 +45,15 @@ def point_overrides(cfg, texts: int) -> list[str]:
 
 def point_record(results: dict, command: str) -> dict:
     """The curve's fields from a finished run's results.json: SciFact test nDCG@10 and STS-B Spearman at the full
-    dimension in float32, per mode."""
+    dimension in float32, per mode. Compute is counted in training samples; stage times are left out (a resumed
+    point's are those of its last launch)."""
     meta, scores = results["meta"], {}
     for dataset, _, _, metric, _, by_mode in full_dims_scores(results["records"]):
         scores[dataset] = by_mode | {"metric": metric}
     scifact, sts = scores["scifact"], scores.get("stsbenchmark", {})
     record = {"run": meta["run"], "command": command, "texts": sum(meta["text_mix"]["kept"].values()),
               "epochs": meta["train"]["epoch"], "train_samples": meta["train"]["samples"],
-              "val_cosine": meta["train"].get("val_cosine"), "stage_seconds": meta["stage_seconds"],
+              "val_cosine": meta["train"].get("val_cosine"),
               "teacher_ndcg_at_10": scifact["teacher"], "teacher_sts_spearman": sts.get("teacher")}
     for name, mode in MODES.items():
         record[f"{name}_ndcg_at_10"] = scifact.get(mode)
