@@ -121,6 +121,12 @@ def plot(curve: dict, path: Path) -> None:
     for name, retention in PAPER_RETENTION.items():
         ax.axhline(retention, color="grey", lw=0.8, ls=":")
         ax.annotate(f"paper {name} {retention:.1%}", (xs[0], retention), fontsize=7, va="bottom")
+    teacher = points[-1]["teacher_ndcg_at_10"]
+    for name, colour in (("standard", "tab:blue"), ("asymmetric", "tab:orange")):
+        target = curve["targets_ndcg_at_10"][name]
+        ax.axhline(target / teacher, color=colour, lw=0.8, ls="-.")
+        ax.annotate(f"target {name} nDCG@10 {target}", (xs[-1], target / teacher), fontsize=7, va="bottom", ha="right",
+                    color=colour)
     ax.set_xscale("log")
     ax.set_xlabel("training samples (texts x epochs)")
     ax.set_ylabel("retention of the teacher's score")
