@@ -193,12 +193,12 @@ def test_teacher_cache_in_s3_is_reused_and_resumed(s3, ray_local, tiny_teacher, 
     from leaf_ray.teacher import TeacherCache, build_cache
 
     cfg = tiny_teacher_config(tiny_teacher, chunk_rows=64, num_cpus_per_actor=0.5, torch_threads=1)
-    table = text_rows(300, seed=5)  # 5 chunks
+    table = text_rows(300, seed=5)  # 8 chunks: 300 / 64 rows, up to a power of two
     root = resolve(f"s3://{BUCKET}/cache", "storage.cache_root", s3.endpoint)
     cache = build_cache(table, cfg, root, ModelStore(tmp_path / "models"))
-    assert str(cache.path).startswith(f"s3://{BUCKET}/cache/teacher/") and cache.manifest["last_run"]["chunks_computed"] == 5
+    assert str(cache.path).startswith(f"s3://{BUCKET}/cache/teacher/") and cache.manifest["last_run"]["chunks_computed"] == 8
     prefix = cache.location.path.removeprefix(f"{BUCKET}/")
-    assert sorted(objects(s3.fs, prefix)) == ["manifest.json", *[f"part-{i:05d}.parquet" for i in range(5)]]
+    assert sorted(objects(s3.fs, prefix)) == ["manifest.json", *[f"part-{i:05d}.parquet" for i in range(8)]]
     local = build_cache(table, cfg, tmp_path / "local-cache")
     np.testing.assert_array_equal(cache.embeddings(), local.embeddings())  # same bytes wherever the cache lives
 
@@ -215,7 +215,7 @@ def test_teacher_cache_in_s3_is_reused_and_resumed(s3, ray_local, tiny_teacher, 
     resumed = build_cache(table, cfg, root, ModelStore(tmp_path / "models"))
     run = resumed.manifest["last_run"]
     assert (run["chunks_computed"], run["rows_computed"], run["chunks_reused"]) == (
-        2, resumed.chunk_rows_of(2) + resumed.chunk_rows_of(3), 3)
+        2, resumed.chunk_rows_of(2) + resumed.chunk_rows_of(3), 6)
     np.testing.assert_array_equal(resumed.embeddings(), local.embeddings())
     ds = TeacherCache.load(cache.location).dataset()
     batch = ds.take_batch(300, batch_format="numpy")  # Ray Data reads the parts from the bucket in its workers
