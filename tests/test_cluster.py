@@ -31,6 +31,7 @@ from leaf_ray.cluster import (
     validate_launcher_config,
 )
 from leaf_ray.config import REPO_ROOT, TeacherConfig, load_config
+from leaf_ray.teacher.chunks import chunk_count
 from tests.conftest import REPO
 
 LAUNCHERS = ["aws.yaml", "gcp.yaml"]
@@ -358,7 +359,7 @@ def test_autoscaler_adds_fake_gpu_nodes_for_teacher_actors_and_removes_them(tiny
 @pytest.mark.timeout(300)
 @pytest.mark.e2e
 def test_a_gpu_node_killed_mid_stage_loses_and_duplicates_no_row(tiny_teacher, tmp_path):
-    """One of two fake GPU nodes is killed once 2 of 12 parts are written: its chunks are redone on a node the
+    """One of two fake GPU nodes is killed once 2 of 16 parts are written: its chunks are redone on a node the
     autoscaler brings up instead, and the cache holds every id exactly once."""
     config = load_yaml(CLUSTER_DIR / "local-fake-gpu.yaml")
     rows = 600
@@ -368,5 +369,5 @@ def test_a_gpu_node_killed_mid_stage_loses_and_duplicates_no_row(tiny_teacher, t
     killed = result["killed"]
     assert killed.get("processes", 0) >= 1 and killed["parts_before"] < result["parts"], "no node died mid-stage"
     assert result["rows_in_cache"] == rows and result["unique_ids"] == rows and result["ids_match"]
-    assert result["finite"] and result["parts"] == rows // 50
+    assert result["finite"] and result["parts"] == chunk_count(rows, 50) == 16
     assert result["processes_left_after_stop"] == 0
