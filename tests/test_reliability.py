@@ -508,8 +508,10 @@ def test_secrets_stay_out_of_a_whole_run(tiny_teacher, tmp_path):
         sys.argv = ["train_student.py", "--config", {str(config)!r}]
         runpy.run_path("jobs/train_student.py", run_name="__main__")
         logging.getLogger().setLevel(logging.DEBUG)
+        # another query prompt: a teacher setting of its own, so no row is copied from the first job's cache and
+        # the rejecting server is asked
         sys.argv = ["embed_teacher.py", "--config", {str(config)!r}, "teacher.endpoint.base_url={rejecting.url}",
-                    "data.sources.0.limit=50"]
+                    "data.sources.0.limit=50", "teacher.query_prompt=query"]
         try:
             runpy.run_path("jobs/embed_teacher.py", run_name="__main__")
         except SystemExit as exit:  # a job reports a user error as one line and exits 2

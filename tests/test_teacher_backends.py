@@ -330,7 +330,8 @@ def test_api_key_stays_out_of_logs_manifests_and_errors(fake_server, tiny_teache
             print("LOCAL ERROR", exc, repr(exc))
             traceback.print_exc()
         try:
-            build_cache(table.slice(0, 20), bad, {str(tmp_path / "cache")!r})  # new data: a cache to compute
+            # a cache root of its own: no other cache to copy rows from, so the rejecting server is asked
+            build_cache(table.slice(0, 20), bad, {str(tmp_path / "bad-cache")!r})
         except Exception as exc:
             print("STAGE ERROR", exc)
             traceback.print_exc()
