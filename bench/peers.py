@@ -14,8 +14,8 @@ sentence-transformers first, ...), each round from the same initial student into
 Model2Vec (load averages recorded around each). Wall times cover what a user runs after the teacher vectors
 exist: leaf-ray's train_student call (Ray Train start-up, training, validations, checkpoints, export) and the
 sentence-transformers recipe (dataset, trainer, training, save); the wall-time ratio is the median of the
-per-round ratios, start-up included. Quality is scored on the first round's students. The teacher vectors (the config's cache, reused when present) and the
-initial student are built once before both and reported apart. Both trained students and Model2Vec are then
+per-round ratios, start-up included. Quality is scored on the first round's students. The teacher vectors (the
+config's cache, reused when present) and the initial student are built once before both and reported apart. Both trained students and Model2Vec are then
 scored on the config's first evaluation dataset (nDCG@10, full dimension, float32; standard = student queries
 and documents, asymmetric = student queries against teacher documents from the teacher cache), and Model2Vec's
 serving speed is measured side by side with the teacher and the leaf. Writes bench/results/peers.json + .png.
@@ -256,7 +256,8 @@ def main(argv=None) -> dict:
                      "samples_per_s": trained.samples_per_s, "speed_key": "leaf-ray",
                      "recipe": f"leaf_ray.train.train_student ({cfg.train.loss} loss, {cfg.train.schedule} schedule, "
                                f"{cfg.train.num_workers} Ray Train worker(s), {batching(cfg.train)})"},
-        "sentence-transformers": {"wall_s": st_s, "rounds": rounds["sentence-transformers"], **common, "val_cosine": st_val["val_cosine"],
+        "sentence-transformers": {"wall_s": st_s, "rounds": rounds["sentence-transformers"], **common,
+                                  "val_cosine": st_val["val_cosine"],
                                   "ndcg_at_10": {k: st_scores[k] for k in ("standard", "asymmetric")},
                                   "speed_key": "leaf-ray",  # the same architecture as leaf-ray's student
                                   "recipe": "SentenceTransformerTrainer + losses.MSELoss on the teacher vectors "

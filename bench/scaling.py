@@ -47,9 +47,8 @@ def point_record(results: dict, command: str) -> dict:
     """The curve's fields from a finished run's results.json: SciFact test nDCG@10 and STS-B Spearman at the full
     dimension in float32, per mode. Compute is counted in training samples; stage times are left out (a resumed
     point's are those of its last launch)."""
-    meta, scores = results["meta"], {}
-    for dataset, _, _, metric, _, by_mode in full_dims_scores(results["records"]):
-        scores[dataset] = by_mode | {"metric": metric}
+    meta = results["meta"]
+    scores = {dataset: by_mode for dataset, _, _, _, _, by_mode in full_dims_scores(results["records"])}
     scifact, sts = scores["scifact"], scores.get("stsbenchmark", {})
     record = {"run": meta["run"], "command": command, "texts": sum(meta["text_mix"]["kept"].values()),
               "epochs": meta["train"]["epoch"], "train_samples": meta["train"]["samples"],
@@ -85,13 +84,12 @@ def summarize(points: list[dict], targets: dict, command: str) -> dict:
             point[f"{name}_retention"] = point[f"{name}_ndcg_at_10"] / point["teacher_ndcg_at_10"]
         if point["teacher_sts_spearman"]:
             point["sts_retention"] = point["standard_sts_spearman"] / point["teacher_sts_spearman"]
-    teacher = points[-1]["teacher_ndcg_at_10"] if points else None
+    teacher = points[-1]["teacher_ndcg_at_10"]
     fits, reach = {}, {}
     for name in MODES:
         fits[name] = trend(points, f"{name}_retention")
         reach[f"{name}_paper_{PAPER_RETENTION[name]:.1%}"] = samples_to_reach(fits[name], PAPER_RETENTION[name])
-        if teacher:
-            reach[f"{name}_ndcg_{targets[name]}"] = samples_to_reach(fits[name], targets[name] / teacher)
+        reach[f"{name}_ndcg_{targets[name]}"] = samples_to_reach(fits[name], targets[name] / teacher)
     fits["sts"] = trend([p for p in points if "sts_retention" in p], "sts_retention")
     return {"benchmark": "scaling", "command": command, "targets_ndcg_at_10": targets,
             "paper_retention": PAPER_RETENTION, "points": points, "trend_vs_log10_samples": fits,

@@ -280,17 +280,16 @@ class TeacherCache:
         chunk = (id_hashes(ids) % np.uint64(self.chunks)).astype(np.int64)
         positions, vectors = [], []
         for index in np.unique(chunk).tolist():
-            part, wanted = self.part_location(index), [ids[i] for i in np.flatnonzero(chunk == index)]
+            part, rows = self.part_location(index), np.flatnonzero(chunk == index).tolist()
             try:  # the ids first: most parts of an unrelated cache (an evaluation corpus) share none
                 if not pc.is_in(pq.read_table(part.path, columns=["id"], filesystem=part.filesystem).column("id"),
-                                pa.array(wanted, pa.string())).to_numpy(zero_copy_only=False).any():
+                                pa.array([ids[i] for i in rows], pa.string())).to_numpy(zero_copy_only=False).any():
                     continue
                 table = pq.read_table(part.path, filesystem=part.filesystem)
             except (pa.ArrowInvalid, OSError):
                 continue
             held = {row: i for i, row in enumerate(zip(*(table.column(c).to_pylist() for c in ("id", "text", "kind"))))}
-            hits = [(i, held[key]) for i in np.flatnonzero(chunk == index).tolist()
-                    if (key := (ids[i], texts[i], kinds[i])) in held]
+            hits = [(i, held[key]) for i in rows if (key := (ids[i], texts[i], kinds[i])) in held]
             if hits:
                 mine, theirs = zip(*hits)
                 positions.append(np.array(mine, dtype=np.int64))
