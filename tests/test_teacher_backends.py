@@ -471,12 +471,13 @@ def test_endpoint_backend_on_a_real_vllm_server(vllm_minilm, ray_local, minilm_t
         assert served.manifest["last_run"]["truncated_texts"] == vllm_minilm.manifest["last_run"]["truncated_texts"]
     finally:
         stop_process_group(server)
-    # the server is gone: new data (so a new cache) fails after retries, naming the endpoint
+    # the server is gone: a cache root of its own (no other cache to copy rows from) fails after retries,
+    # naming the endpoint
     table = minilm_table.slice(0, 40)
     started = time.monotonic()
     with pytest.raises(Exception, match=f"{base_url}/v1/embeddings is unreachable.*3 attempts"):
-        build_cache(table, cfg, tmp_path / "cache")
+        build_cache(table, cfg, tmp_path / "offline-cache")
     assert time.monotonic() - started >= 0.3  # it waited between attempts
-    cache_dir = cache_path_for(table, cfg, tmp_path / "cache")
+    cache_dir = cache_path_for(table, cfg, tmp_path / "offline-cache")
     assert not json.loads((cache_dir / "manifest.json").read_text())["complete"]
     assert sorted(p.name for p in cache_dir.iterdir()) == ["manifest.json"]  # no parts, no temp files
