@@ -207,7 +207,7 @@ def test_resume_continues_from_checkpoint(cache_runs):
 
 
 @pytest.mark.timeout(120)
-def test_a_run_refuses_another_student(tiny_teacher, tiny_cache, tmp_path):
+def test_a_run_refuses_another_student(ray_local, tiny_teacher, tiny_cache, tmp_path):  # lstsq sample: Ray Data
     from leaf_ray.train import prepare_initial_student
 
     train, val = split(tiny_cache)
