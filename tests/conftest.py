@@ -74,18 +74,6 @@ def random_texts(n: int, seed: int = 0, min_words: int = 3, max_words: int = 30)
     return [" ".join(rng.choices(WORDS, k=rng.randint(min_words, max_words))) for _ in range(n)]
 
 
-# The modules whose runs cost most, costliest first (from `make test`'s durations). `make test`'s workers take
-# whole modules in collection order, so starting these first leaves no worker alone with a long module at the end.
-# Only the order changes: a module left out, or one that got cheaper, still runs.
-COSTLIEST_MODULES = ("test_reliability", "test_distill", "test_sweep", "test_bench", "test_train", "test_cluster",
-                     "test_teacher_backends", "test_storage", "test_teacher_stage", "test_evaluate")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(COSTLIEST_MODULES)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))  # stable
-
-
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny_teacher"), hidden=32, layers=4)
