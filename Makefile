@@ -33,12 +33,13 @@ demo: $(STAMP)
 # Two workers (each with its own Ray instance) fill the cores one leaves idle while Ray starts processes and jobs
 # wait; loadscope keeps each module, and its module-scoped runs, on one worker. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -ra
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -ra --durations=25 $(PYTEST_ARGS)
+	$(PYTEST) --durations=25 $(PYTEST_ARGS)
 
 # The unit tier, for between edits: no real models or full data sets, no Ray pipelines, jobs or clusters.
 test-fast: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope -ra --durations=10 -m "not slow and not e2e" $(PYTEST_ARGS)
+	$(PYTEST) --durations=10 -m "not slow and not e2e" $(PYTEST_ARGS)
 
 clean:
 	rm -rf .leaf_cache runs .pytest_cache

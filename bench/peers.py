@@ -15,10 +15,11 @@ Model2Vec (load averages recorded around each). Wall times cover what a user run
 exist: leaf-ray's train_student call (Ray Train start-up, training, validations, checkpoints, export) and the
 sentence-transformers recipe (dataset, trainer, training, save); the wall-time ratio is the median of the
 per-round ratios, start-up included. Quality is scored on the first round's students. The teacher vectors (the
-config's cache, reused when present) and the initial student are built once before both and reported apart. Both trained students and Model2Vec are then
-scored on the config's first evaluation dataset (nDCG@10, full dimension, float32; standard = student queries
-and documents, asymmetric = student queries against teacher documents from the teacher cache), and Model2Vec's
-serving speed is measured side by side with the teacher and the leaf. Writes bench/results/peers.json + .png.
+config's cache, reused when present) and the initial student are built once before both and reported apart.
+Both trained students and Model2Vec are then scored on the config's first evaluation dataset (nDCG@10, full
+dimension, float32; standard = student queries and documents, asymmetric = student queries against teacher
+documents from the teacher cache), and Model2Vec's serving speed is measured side by side with the teacher and
+the leaf. Writes bench/results/peers.json + .png.
 """
 
 from __future__ import annotations

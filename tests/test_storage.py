@@ -196,7 +196,8 @@ def test_teacher_cache_in_s3_is_reused_and_resumed(s3, ray_local, tiny_teacher, 
     table = text_rows(300, seed=5)  # 8 chunks: 300 / 64 rows, up to a power of two
     root = resolve(f"s3://{BUCKET}/cache", "storage.cache_root", s3.endpoint)
     cache = build_cache(table, cfg, root, ModelStore(tmp_path / "models"))
-    assert str(cache.path).startswith(f"s3://{BUCKET}/cache/teacher/") and cache.manifest["last_run"]["chunks_computed"] == 8
+    assert str(cache.path).startswith(f"s3://{BUCKET}/cache/teacher/")
+    assert cache.manifest["last_run"]["chunks_computed"] == 8
     prefix = cache.location.path.removeprefix(f"{BUCKET}/")
     assert sorted(objects(s3.fs, prefix)) == ["manifest.json", *[f"part-{i:05d}.parquet" for i in range(8)]]
     local = build_cache(table, cfg, tmp_path / "local-cache")
