@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +17,7 @@ from leaf_ray.train import (TrainError, forward_by_length, leaf_loss, length_buc
                             make_optimizer, make_scheduler, state_digest, total_steps, train_student)
 
 from .conftest import random_texts, tiny_teacher_config
+from .ray_tasks import held_back
 
 
 def make_config(tmp_path: Path, teacher_dir: Path, name: str, **train) -> RunConfig:
@@ -244,13 +244,6 @@ def test_stream_mode_learns_like_cache_mode(cache_runs, tiny_teacher, tiny_cache
     assert all(logged[s] == pytest.approx(reference[s], rel=0.5) for s in logged)
 
 
-def _held_back(batch: dict, late_id: str) -> dict:
-    """Finishes the block holding `late_id` last, as a slow read task on a busy node would."""
-    if late_id in batch["id"]:
-        time.sleep(3)
-    return batch
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.e2e
 def test_the_same_config_trains_on_the_same_batches_however_its_tasks_finish(ray_local, tiny_teacher, tiny_cache,
@@ -261,7 +254,7 @@ def test_the_same_config_trains_on_the_same_batches_however_its_tasks_finish(ray
     first_id = train.column("id")[int(np.random.default_rng(0).permutation(len(train))[0])].as_py()  # in_memory's
     order = []
     for name, late_id in (("on-time", None), ("late-first-block", first_id)):
-        late = blocks.map_batches(_held_back, fn_kwargs={"late_id": late_id}, batch_size=None, num_cpus=0.1)
+        late = blocks.map_batches(held_back, fn_kwargs={"late_id": late_id}, batch_size=None, num_cpus=0.1)
         cfg = make_config(tmp_path, tiny_teacher, name, num_workers=1, max_steps=6, shuffle_buffer_rows=0)
         result = train_student(cfg, TrainingInputs(late, inputs.val, 32, inputs.train_rows), trace_ids=True)
         order.append(result.ids_by_rank[0])
