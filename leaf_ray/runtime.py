@@ -26,7 +26,12 @@ def init_ray(cfg: RayConfig) -> str:
 
     from leaf_ray.progress import bars_shown, quiet_library_bars
 
-    DataContext.get_current().enable_progress_bars = bars_shown(cfg.progress_bars)
+    context = DataContext.get_current()
+    context.enable_progress_bars = bars_shown(cfg.progress_bars)
+    # Parquet through Ray Data's first datasource: its successor starts a pool of footer-reading actors (one
+    # process each) for every execution, so every training epoch over the teacher cache, whose parts the
+    # cache's manifest already lists, would pay for new processes.
+    context.use_datasource_v2 = False
     quiet_library_bars()
     if ray.is_initialized():
         return "already-initialized"
