@@ -12,11 +12,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Every Ray instance of a test run (the session's, and those of the jobs it starts, which inherit this environment)
-# keeps idle workers for a while for the next task: tests run many short stages back to back, and starting a worker
-# process costs more than such a stage's work. Ray's defaults (as many idle workers as CPUs, 1 s) suit long stages.
-os.environ.setdefault("RAY_num_workers_soft_limit", "8")
-os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "30000")
 # Object-store credentials for the S3 server tests start on 127.0.0.1 (moto accepts any key), set before the
 # session's Ray starts so its workers inherit them; the tests check the secret is never written anywhere.
 S3_SECRET = "leaf-test-secret-do-not-log"
