@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from leaf_ray.teacher.vllm_server import free_port
+from leaf_ray.runtime import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -52,15 +52,15 @@ def local_head(num_cpus: int = 2, timeout_s: float = 120):
     """A Ray head with a job server on 127.0.0.1, in its own process group and temp dir, ended on exit (only this
     group: `ray stop` would end every Ray process on the machine). Yields the job server's address."""
     ray_bin = str(Path(sys.executable).parent / "ray")
-    dashboard = free_port()
+    dashboard, gcs, agent = free_ports(3)
     temp_dir = Path(tempfile.mkdtemp(prefix="lrjob-", dir="/tmp"))  # short: Ray's socket paths are limited
     log_path = temp_dir / "head.log"
     with log_path.open("w") as log:
         head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                                 f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                                 f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                                  f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
                                  # the job agent's default port may be held by another Ray on this machine
-                                 f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
+                                 f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"],
                                 env=head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.time() + timeout_s

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 import yaml
 
 from leaf_ray.errors import LeafRayError
+from leaf_ray.runtime import free_ports
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "configs" / "cluster"
 
@@ -184,12 +184,6 @@ def _gpu_limit(container: dict) -> int:
 
 # -- A local autoscaling cluster (fake multi-node provider) ----------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 class LocalAutoscalingCluster:
     """A fake multi-node autoscaling cluster on this machine, isolated from other Ray instances.
 
@@ -241,7 +235,7 @@ class LocalAutoscalingCluster:
         # Short path: Ray's unix sockets live under it (108-byte limit).
         self.temp_dir = Path(tempfile.mkdtemp(prefix="lrfake-", dir="/tmp"))
         ip = get_node_ip_address()
-        port = _free_port()
+        port, client, node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = free_ports(8)
         self.address = f"{ip}:{port}"
         self.config.setdefault("provider", {})["gcs_address"] = self.address
         if self.auth == "token":
@@ -259,10 +253,10 @@ class LocalAutoscalingCluster:
                f"--port={port}", f"--num-cpus={self.head_cpus}", f"--num-gpus={self.head_gpus}",
                f"--object-store-memory={self.object_store_memory}", f"--temp-dir={self.temp_dir}",
                f"--autoscaling-config={config_path}", "--include-dashboard=false", "--disable-usage-stats",
-               f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
-               f"--object-manager-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-               f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-               f"--metrics-export-port={_free_port()}", "--min-worker-port=0", "--max-worker-port=0"]
+               f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
+               f"--object-manager-port={object_manager}", f"--dashboard-agent-listen-port={agent}",
+               f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+               f"--metrics-export-port={metrics}", "--min-worker-port=0", "--max-worker-port=0"]
         env = self.client_env() | {"RAY_FAKE_CLUSTER": "1",
                                    "AUTOSCALER_UPDATE_INTERVAL_S": str(self.update_interval_s)}
         self._log = open(self.temp_dir / "head.log", "w")

@@ -6,8 +6,10 @@ file from an earlier `ray stop` would otherwise make `ray.init()` retry for minu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 
 from leaf_ray.config import RayConfig
 
@@ -53,10 +55,18 @@ def init_ray(cfg: RayConfig) -> str:
     # other Ray instances run on the machine; its thread then dies, and a Train run whose driver is killed
     # (a trial Ray Tune's ASHA stops) keeps its workers' placement group. So the dashboard gets a known
     # port, and the instance's processes (started with this environment) are told where it is.
-    from leaf_ray.teacher.vllm_server import free_port
-
-    port = free_port()
+    port, = free_ports(1)
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
              include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
     return "local"
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports free on this machine now. Every socket stays bound until all are chosen: asked
+    one at a time, the OS may hand the port it just released out again (two Ray components on one port)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,18 +25,13 @@ from leaf_ray.config import (
     load_config,
 )
 from leaf_ray.runs import RunFinishedError, RunFolder
+from leaf_ray.runtime import free_ports
 from leaf_ray.storage import StorageError, local_copy, parse_root, resolve
 from tests.conftest import S3_SECRET as SECRET
 from tests.conftest import run_in_process, text_rows, tiny_teacher_config
 from tests.test_distill import tiny_run_config
 
 BUCKET = "leaf-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def s3():
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_ports(1)[0], verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()
@@ -159,7 +153,7 @@ def test_unusable_buckets_fail_up_front_naming_the_field(s3, tmp_path):
         folder(cache_root="s3://no-such-bucket/cache").check_writable()
     started = time.perf_counter()
     with pytest.raises(StorageError, match="storage.runs_root: .* not writable"):
-        folder(endpoint_override=f"http://127.0.0.1:{_free_port()}").check_writable()  # nothing listens there
+        folder(endpoint_override=f"http://127.0.0.1:{free_ports(1)[0]}").check_writable()  # nothing listens there
     assert time.perf_counter() - started < 60
 
 

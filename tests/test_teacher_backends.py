@@ -37,7 +37,8 @@ from leaf_ray.teacher.endpoint_backend import (EndpointBackend, EndpointError, b
                                                is_retryable_status)
 from leaf_ray.teacher.stage import cache_path_for
 from leaf_ray.teacher.vllm_backend import engine_args
-from leaf_ray.teacher.vllm_server import free_port, start_vllm_server, stop_process_group
+from leaf_ray.runtime import free_ports
+from leaf_ray.teacher.vllm_server import start_vllm_server, stop_process_group
 from tests.conftest import REPO, random_texts
 
 FAKE_DIM = 8
@@ -245,7 +246,7 @@ def test_timeouts_and_connection_errors_are_retried(fake_server, tiny_teacher):
     backend = EndpointBackend(endpoint_cfg(server.url, tiny_teacher, timeout_s=0.5), ModelStore(Path(".")))
     assert backend.embed(["gene"], "document").shape == (1, FAKE_DIM)
     assert backend.retries == 1 and len(server.requests) == 3
-    closed = f"http://127.0.0.1:{free_port()}"
+    closed = f"http://127.0.0.1:{free_ports(1)[0]}"
     with pytest.raises(EndpointError, match=f"{closed}/v1/embeddings is unreachable.*3 attempts.*ConnectError"):
         EndpointBackend(endpoint_cfg(closed, tiny_teacher, max_retries=2), ModelStore(Path(".")))
 

