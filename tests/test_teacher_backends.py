@@ -31,13 +31,13 @@ import pytest
 
 from leaf_ray.config import ConfigError, TeacherConfig, load_config
 from leaf_ray.models import ModelStore
+from leaf_ray.runtime import free_ports
 from leaf_ray.teacher import build_cache
 from leaf_ray.teacher.cache import TeacherCache, teacher_fingerprint, teacher_spec
 from leaf_ray.teacher.endpoint_backend import (EndpointBackend, EndpointError, backoff_delay, embeddings_url,
                                                is_retryable_status)
 from leaf_ray.teacher.stage import cache_path_for
 from leaf_ray.teacher.vllm_backend import engine_args
-from leaf_ray.runtime import free_ports
 from leaf_ray.teacher.vllm_server import start_vllm_server, stop_process_group
 from tests.conftest import REPO, random_texts
 
